@@ -1,0 +1,92 @@
+"""The one dense oracle: builds the bias and rotates q/k explicitly, exactly as POSITIONS.md says.
+
+Tests and benchmarks compare every backend with `attention_reference`; the building blocks
+(`apply_rope`, `position_bias`, `visibility`) are also what the "dense bias + SDPA" benchmark provider
+uses. Memory is O(Nq x Nk): use it for checking, not for speed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .positions import ALIBI_KIND, ROPE_KIND, ResolvedPosition
+from .spec import AttentionSpec
+
+
+def absolute_positions(offset: torch.Tensor, length: int) -> torch.Tensor:
+    """(B,) int64 offsets -> (B, length) int64 absolute positions offset[b] + i."""
+    return offset[:, None] + torch.arange(length, device=offset.device, dtype=torch.int64)[None, :]
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, position: ResolvedPosition) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x (B, H, N, D) at positions (B, N); returns a new tensor.
+
+    The angle pos * inv_freq is formed in fp32 (as Hugging Face transformers does); cos/sin and the
+    rotation run in x's dtype.
+    """
+    r = position.rotary_dim
+    angle = positions.to(torch.float32)[:, None, :, None] * position.inv_freq.to(positions.device)  # (B,1,N,r/2)
+    cos = (torch.cos(angle.to(x.dtype)) * position.attention_factor)
+    sin = (torch.sin(angle.to(x.dtype)) * position.attention_factor)
+    rot, passthrough = x[..., :r], x[..., r:]
+    if position.interleaved:
+        even, odd = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    else:
+        first, second = rot[..., : r // 2], rot[..., r // 2:]
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return torch.cat((rotated, passthrough), dim=-1)
+
+
+def visibility(pq: torch.Tensor, pk: torch.Tensor, causal: bool, window: Optional[int]) -> torch.Tensor:
+    """(B, Nq), (B, Nk) positions -> (B, 1, Nq, Nk) bool: key j visible to query i."""
+    rel = pq[:, None, :, None] - pk[:, None, None, :]
+    visible = torch.ones_like(rel, dtype=torch.bool)
+    if causal:
+        visible &= rel >= 0
+    if window is not None:
+        visible &= rel < window
+    return visible
+
+
+def position_bias(pq: torch.Tensor, pk: torch.Tensor, position: ResolvedPosition,
+                  dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Additive score bias (B, Hq, Nq, Nk) in dtype, or None for schemes without one."""
+    if position.kind != ALIBI_KIND:
+        return None
+    distance = (pq[:, None, :, None] - pk[:, None, None, :]).abs().to(dtype)
+    return -position.slopes.to(dtype)[:, :, None, None] * distance
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                        upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention with the position scheme of `spec`.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). Computes in fp64 when upcast, else in q's dtype.
+    Returns out (B, Hq, Nq, D) and lse (B, Hq, Nq), both in the compute dtype. Rows with no visible key
+    give out = 0 and lse = -inf. Differentiable in q, k, v through autograd.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    pq = absolute_positions(spec.q_offset, q.shape[2])
+    pk = absolute_positions(spec.k_offset, k.shape[2])
+    if spec.position.kind == ROPE_KIND:
+        q, k = apply_rope(q, pq, spec.position), apply_rope(k, pk, spec.position)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale
+    bias = position_bias(pq, pk, spec.position, dtype)
+    if bias is not None:
+        scores = scores + bias
+    visible = visibility(pq, pk, spec.causal, spec.window)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # Rows with no visible key: softmax over zeros instead of all -inf, so neither the values nor the
+    # gradients see inf - inf; their probabilities are then zeroed and their LSE set to -inf.
+    has_key = visible.any(dim=-1, keepdim=True)
+    scores = torch.where(has_key, scores, torch.zeros_like(scores))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]) * has_key
+    lse = lse.masked_fill(~has_key[..., 0], float("-inf"))
+    return torch.matmul(probs, v), lse

@@ -1,0 +1,202 @@
+"""Attention backward, FlashAttention-2 style: preprocess (delta = rowsum(dO * O)), then dK/dV with a
+program per key block, then dQ with a program per query block. Scores are recomputed from q, k and the
+saved LSE; with RoPE the kernels work on rotated tiles and rotate dq, dk back (transposed rotation)."""
+import triton
+import triton.language as tl
+
+from .forward import LOG2E, key_block_range
+from .position import POS_ALIBI, POS_ROPE, alibi_bias_log2, relative_positions, rope_rotate_tile, visible_mask
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(Out, DOut, Delta, stride_ob, stride_oh, stride_on, stride_od,
+                                stride_dob, stride_doh, stride_don, stride_dod, num_heads, seq_len_q,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta (B, Hq, Nq) fp32 = sum_d dO * O, the softmax-gradient row term."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    batch_head = tl.program_id(1)
+    b = (batch_head // num_heads).to(tl.int64)
+    h = (batch_head % num_heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + (b * num_heads + h) * seq_len_q + offs_m, delta, mask=offs_m < seq_len_q)
+
+
+@triton.jit
+def _score_probs(q, k, lse_log2, q_pos_start, k_pos_start, offs_n, seq_len_k, qk_scale_log2, slope_log2,
+                 window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recomputed probabilities P (BLOCK_M, BLOCK_N) fp32 of a tile from rotated q, k and the row LSE
+    (log2 domain; +inf for rows to skip, so their P is 0)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    rel = relative_positions(q_pos_start, k_pos_start, BLOCK_M, BLOCK_N)
+    if POS == POS_ALIBI:
+        s += alibi_bias_log2(rel, slope_log2)
+    s = tl.where(visible_mask(rel, offs_n, seq_len_k, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+    return tl.math.exp2(s - lse_log2[:, None])
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q):
+    """LSE in the log2 domain (+inf for padded rows and rows with no visible key) and Delta."""
+    mask_m = offs_m < seq_len_q
+    lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=float("-inf"))
+    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+    return lse_log2, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, Slopes, InvFreq,
+                          stride_qb, stride_qh, stride_qn, stride_qd,
+                          stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd,
+                          stride_dob, stride_doh, stride_don, stride_dod,
+                          stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                          stride_sb, stride_sh,
+                          num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, rotary_dim,
+                          attention_factor, len_bucket_q, len_bucket_k,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, POS: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV (B, Hkv, Nk, D) for one key block of one kv head, summed over its query-head group
+    (so no atomics). Query blocks that cannot see this key block are skipped."""
+    start_n = tl.program_id(0) * BLOCK_N
+    batch_head = tl.program_id(1)
+    num_kv_heads = num_heads // num_kv_groups
+    b = (batch_head // num_kv_heads).to(tl.int64)
+    kv_h = (batch_head % num_kv_heads).to(tl.int64)
+    q_off = tl.load(QOffset + b)
+    k_off = tl.load(KOffset + b)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    if POS == POS_ROPE:
+        k = rope_rotate_tile(k, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
+                             False).to(v.dtype)
+
+    # Query rows that can see keys [start_n, n_end): i >= k_off - q_off + start_n (causal) and
+    # i < k_off - q_off + n_end - 1 + window (window).
+    n_end = tl.minimum(start_n + BLOCK_N, seq_len_k)
+    lo = tl.full([], 0, tl.int64)
+    hi = tl.full([], 0, tl.int64) + seq_len_q
+    if CAUSAL:
+        lo = tl.minimum(tl.maximum(k_off - q_off + start_n, 0), hi)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, tl.maximum(k_off - q_off + n_end - 1 + window, 0))
+    lo = lo.to(tl.int32)
+    hi = hi.to(tl.int32)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale_log2 = sm_scale * LOG2E
+    for g in range(0, num_kv_groups):
+        h = kv_h * num_kv_groups + g
+        slope_log2 = 0.0
+        if POS == POS_ALIBI:
+            slope_log2 = tl.load(Slopes + b * stride_sb + h * stride_sh) * LOG2E
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DOut + b * stride_dob + h * stride_doh
+        row_base = (b * num_heads + h) * seq_len_q
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_mask = (offs_m < seq_len_q)[:, None] & mask_d[None, :]
+            q = tl.load(Qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
+            if POS == POS_ROPE:
+                q = rope_rotate_tile(q, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D,
+                                     INTERLEAVED, False).to(v.dtype)
+            do = tl.load(DOh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=row_mask,
+                         other=0.0)
+            lse_log2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q)
+            p = _score_probs(q, k, lse_log2, q_off + start_m, k_off + start_n, offs_n, seq_len_k, qk_scale_log2,
+                             slope_log2, window, BLOCK_M, BLOCK_N, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])  # dL/dscore (natural-log domain)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+    dk *= sm_scale
+    if POS == POS_ROPE:  # dk above is w.r.t. the rotated k
+        dk = rope_rotate_tile(dk, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
+                              True)
+    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes, InvFreq,
+                        stride_qb, stride_qh, stride_qn, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_dob, stride_doh, stride_don, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                        stride_sb, stride_sh,
+                        num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, rotary_dim,
+                        attention_factor, len_bucket_q, len_bucket_k,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, POS: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (B, Hq, Nq, D) for one query block of one query head over the key blocks it can see."""
+    start_m = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    b = (batch_head // num_heads).to(tl.int64)
+    h = (batch_head % num_heads).to(tl.int64)
+    kv_h = h // num_kv_groups
+    q_off = tl.load(QOffset + b)
+    k_off = tl.load(KOffset + b)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_mask = (offs_m < seq_len_q)[:, None] & mask_d[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_mask, other=0.0)
+    if POS == POS_ROPE:
+        q = rope_rotate_tile(q, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
+                             False).to(q.dtype)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+    lse_log2, delta = _load_row_stats(Lse, Delta, (b * num_heads + h) * seq_len_q, offs_m, seq_len_q)
+    slope_log2 = 0.0
+    if POS == POS_ALIBI:
+        slope_log2 = tl.load(Slopes + b * stride_sb + h * stride_sh) * LOG2E
+    K += b * stride_kb + kv_h * stride_kh
+    V += b * stride_vb + kv_h * stride_vh
+
+    q_end = tl.minimum(start_m + BLOCK_M, seq_len_q)
+    lo, hi = key_block_range(start_m, q_end, q_off - k_off, seq_len_k, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale_log2 = sm_scale * LOG2E
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if POS == POS_ROPE:
+            k = rope_rotate_tile(k, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D,
+                                 INTERLEAVED, False).to(q.dtype)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        p = _score_probs(q, k, lse_log2, q_off + start_m, k_off + start_n, offs_n, seq_len_k, qk_scale_log2,
+                         slope_log2, window, BLOCK_M, BLOCK_N, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq *= sm_scale
+    if POS == POS_ROPE:  # dq above is w.r.t. the rotated q
+        dq = rope_rotate_tile(dq, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
+                              True)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=row_mask)

@@ -1,0 +1,138 @@
+"""Attention forward: one program per (query block, batch * query head), online softmax over key blocks."""
+import triton
+import triton.language as tl
+
+from .position import (POS_ALIBI, POS_ROPE, alibi_bias_log2, relative_positions, rope_rotate_tile,
+                       visible_mask)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def key_block_range(q_start, q_end, delta, seq_len_k, window, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key range [lo, hi) (int32, lo a multiple of BLOCK_N) that query rows [q_start, q_end) can see.
+
+    delta = q_offset - k_offset (int64): key j is left of query i iff j <= delta + i.
+    """
+    hi = tl.full([], 0, tl.int64) + seq_len_k
+    lo = tl.full([], 0, tl.int64)
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(delta + q_end, 0))
+    if HAS_WINDOW:
+        lo = tl.minimum(tl.maximum(delta + q_start - window + 1, 0), hi)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
+                    q_pos_start, k_off, seq_len_k, lo, hi, qk_scale_log2, slope_log2, window, rotary_dim,
+                    attention_factor, offs_d, mask_d,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    INTERLEAVED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi). acc (BLOCK_M, BLOCK_D) fp32; m_i, l_i (BLOCK_M,)
+    in the log2 domain. MASKED=False is only used on blocks every row sees in full."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if POS == POS_ROPE:
+            k = rope_rotate_tile(k, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D,
+                                 INTERLEAVED, False).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        if POS == POS_ALIBI or MASKED:
+            rel = relative_positions(q_pos_start, k_off + start_n, BLOCK_M, BLOCK_N)
+            if POS == POS_ALIBI:
+                s += alibi_bias_log2(rel, slope_log2)
+            if MASKED:
+                s = tl.where(visible_mask(rel, offs_n, seq_len_k, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_ob, stride_oh, stride_on, stride_od,
+                     stride_sb, stride_sh,
+                     num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, rotary_dim,
+                     attention_factor, len_bucket_q, len_bucket_k,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Out (B, Hq, Nq, D) and Lse (B, Hq, Nq) fp32, natural log. len_bucket_* only key the autotuner."""
+    start_m = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    b = (batch_head // num_heads).to(tl.int64)
+    h = (batch_head % num_heads).to(tl.int64)
+    kv_h = h // num_kv_groups
+    q_off = tl.load(QOffset + b)
+    k_off = tl.load(KOffset + b)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < seq_len_q
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if POS == POS_ROPE:
+        q = rope_rotate_tile(q, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
+                             False).to(q.dtype)
+    slope_log2 = 0.0
+    if POS == POS_ALIBI:
+        slope_log2 = tl.load(Slopes + b * stride_sb + h * stride_sh) * LOG2E
+    K += b * stride_kb + kv_h * stride_kh
+    V += b * stride_vb + kv_h * stride_vh
+
+    # Visible keys [lo, hi); inside it, [full_lo, full_hi) holds whole blocks every row sees unmasked.
+    q_end = tl.minimum(start_m + BLOCK_M, seq_len_q)
+    delta = q_off - k_off
+    lo, hi = key_block_range(start_m, q_end, delta, seq_len_k, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    full_hi = (seq_len_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:  # block [n, n + BLOCK_N) is fully left of every row iff n + BLOCK_N <= delta + start_m + 1
+        full_hi = tl.minimum(full_hi, (tl.maximum(delta + start_m + 1, 0) // BLOCK_N) * BLOCK_N).to(tl.int32)
+    full_lo = lo
+    if HAS_WINDOW:  # block fully inside every row's window iff n >= delta + q_end - window
+        full_lo = tl.maximum(lo, ((tl.maximum(delta + q_end - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+                             ).to(tl.int32)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale_log2 = sm_scale * LOG2E
+    q_pos_start = q_off + start_m
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    q_pos_start, k_off, seq_len_k, lo, full_lo, qk_scale_log2, slope_log2,
+                                    window, rotary_dim, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N,
+                                    BLOCK_D, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    q_pos_start, k_off, seq_len_k, full_lo, full_hi, qk_scale_log2, slope_log2,
+                                    window, rotary_dim, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N,
+                                    BLOCK_D, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, False, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    q_pos_start, k_off, seq_len_k, full_hi, hi, qk_scale_log2, slope_log2,
+                                    window, rotary_dim, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N,
+                                    BLOCK_D, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
+
+    # Rows with no visible key: out = 0, lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(Lse + (b * num_heads + h) * seq_len_q + offs_m, lse, mask=mask_m)
