@@ -4,8 +4,9 @@ saved LSE; with RoPE the kernels work on rotated tiles and rotate dq, dk back (t
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, key_block_range
-from .position import POS_ALIBI, POS_ROPE, alibi_bias_log2, relative_positions, rope_rotate_tile, visible_mask
+from .forward import key_block_range, load_position_tile, load_tile
+from .position import (LOG2E, POS_ALIBI, POS_ROPE, alibi_bias_log2, alibi_slope_log2, relative_positions,
+                       rope_rotate_tile, visible_mask)
 
 
 @triton.jit
@@ -18,11 +19,9 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, stride_ob, stride_oh, stride_o
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < seq_len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0)
-    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    mask_d = offs_d < HEAD_DIM
+    o = load_tile(Out + b * stride_ob + h * stride_oh, offs_m, seq_len_q, stride_on, stride_od, offs_d, mask_d)
+    do = load_tile(DOut + b * stride_dob + h * stride_doh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + (b * num_heads + h) * seq_len_q + offs_m, delta, mask=offs_m < seq_len_q)
 
@@ -79,13 +78,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
-    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
-    if POS == POS_ROPE:
-        k = rope_rotate_tile(k, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
-                             False).to(v.dtype)
+    k = load_position_tile(K + b * stride_kb + kv_h * stride_kh, offs_n, seq_len_k, stride_kn, stride_kd, offs_d,
+                           mask_d, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+    v = load_tile(V + b * stride_vb + kv_h * stride_vh, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
 
     # Query rows that can see keys [start_n, n_end): i >= k_off - q_off + start_n (causal) and
     # i < k_off - q_off + n_end - 1 + window (window).
@@ -105,21 +100,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
     qk_scale_log2 = sm_scale * LOG2E
     for g in range(0, num_kv_groups):
         h = kv_h * num_kv_groups + g
-        slope_log2 = 0.0
-        if POS == POS_ALIBI:
-            slope_log2 = tl.load(Slopes + b * stride_sb + h * stride_sh) * LOG2E
+        slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DOut + b * stride_dob + h * stride_doh
         row_base = (b * num_heads + h) * seq_len_q
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_mask = (offs_m < seq_len_q)[:, None] & mask_d[None, :]
-            q = tl.load(Qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-            if POS == POS_ROPE:
-                q = rope_rotate_tile(q, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D,
-                                     INTERLEAVED, False).to(v.dtype)
-            do = tl.load(DOh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=row_mask,
-                         other=0.0)
+            q = load_position_tile(Qh, offs_m, seq_len_q, stride_qn, stride_qd, offs_d, mask_d, q_off + offs_m,
+                                   InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+            do = load_tile(DOh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
             lse_log2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q)
             p = _score_probs(q, k, lse_log2, q_off + start_m, k_off + start_n, offs_n, seq_len_k, qk_scale_log2,
                              slope_log2, window, BLOCK_M, BLOCK_N, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
@@ -163,17 +152,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     row_mask = (offs_m < seq_len_q)[:, None] & mask_d[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=row_mask, other=0.0)
-    if POS == POS_ROPE:
-        q = rope_rotate_tile(q, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
-                             False).to(q.dtype)
-    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                 + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+    q = load_position_tile(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd, offs_d,
+                           mask_d, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+    do = load_tile(DOut + b * stride_dob + h * stride_doh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
     lse_log2, delta = _load_row_stats(Lse, Delta, (b * num_heads + h) * seq_len_q, offs_m, seq_len_q)
-    slope_log2 = 0.0
-    if POS == POS_ALIBI:
-        slope_log2 = tl.load(Slopes + b * stride_sb + h * stride_sh) * LOG2E
+    slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
 
@@ -183,12 +166,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
     qk_scale_log2 = sm_scale * LOG2E
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if POS == POS_ROPE:
-            k = rope_rotate_tile(k, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D,
-                                 INTERLEAVED, False).to(q.dtype)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = load_position_tile(K, offs_n, seq_len_k, stride_kn, stride_kd, offs_d, mask_d, k_off + offs_n, InvFreq,
+                               rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+        v = load_tile(V, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
         p = _score_probs(q, k, lse_log2, q_off + start_m, k_off + start_n, offs_n, seq_len_k, qk_scale_log2,
                          slope_log2, window, BLOCK_M, BLOCK_N, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

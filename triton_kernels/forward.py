@@ -2,11 +2,28 @@
 import triton
 import triton.language as tl
 
-from .position import (POS_ALIBI, POS_ROPE, alibi_bias_log2, relative_positions, rope_rotate_tile,
-                       visible_mask)
+from .position import (LN2, LOG2E, POS_ALIBI, POS_ROPE, alibi_bias_log2, alibi_slope_log2, relative_positions,
+                       rope_rotate_tile, visible_mask)
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def load_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d):
+    """(R, BLOCK_D) tile of rows offs_rows of a (N, D) matrix; rows >= num_rows and padded dims read 0."""
+    mask = (offs_rows < num_rows)[:, None] & mask_d[None, :]
+    return tl.load(Base + offs_rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_position_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d, positions, InvFreq,
+                       rotary_dim, attention_factor, BLOCK_D: tl.constexpr, POS: tl.constexpr,
+                       INTERLEAVED: tl.constexpr):
+    """load_tile for q or k: rotated in registers at positions (R,) when POS is RoPE (input dtype)."""
+    x = load_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d)
+    if POS == POS_ROPE:
+        x = rope_rotate_tile(x, positions, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
+                             False).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -37,11 +54,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, strid
     in the log2 domain. MASKED=False is only used on blocks every row sees in full."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if POS == POS_ROPE:
-            k = rope_rotate_tile(k, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D,
-                                 INTERLEAVED, False).to(q.dtype)
+        k = load_position_tile(K, offs_n, seq_len_k, stride_kn, stride_kd, offs_d, mask_d, k_off + offs_n, InvFreq,
+                               rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
         if POS == POS_ALIBI or MASKED:
             rel = relative_positions(q_pos_start, k_off + start_n, BLOCK_M, BLOCK_N)
@@ -55,7 +69,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, strid
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = load_tile(V, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -86,14 +100,9 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seq_len_q
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if POS == POS_ROPE:
-        q = rope_rotate_tile(q, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
-                             False).to(q.dtype)
-    slope_log2 = 0.0
-    if POS == POS_ALIBI:
-        slope_log2 = tl.load(Slopes + b * stride_sb + h * stride_sh) * LOG2E
+    q = load_position_tile(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd, offs_d,
+                           mask_d, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+    slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
 

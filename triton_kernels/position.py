@@ -11,6 +11,9 @@ POS_NONE = tl.constexpr(0)
 POS_ALIBI = tl.constexpr(1)
 POS_ROPE = tl.constexpr(2)
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 # Tile-relative distances are clamped to +-2^30 so int64 offsets never overflow int32 tile math.
 REL_CLAMP = tl.constexpr(1 << 30)
 
@@ -32,6 +35,15 @@ def visible_mask(rel, offs_n, seq_len_k, window, CAUSAL: tl.constexpr, HAS_WINDO
     if HAS_WINDOW:
         visible = visible & (rel < window)
     return visible
+
+
+@triton.jit
+def alibi_slope_log2(SlopePtr, POS: tl.constexpr):
+    """The head's ALiBi slope times log2(e) (0 for other schemes, whose slopes are never read)."""
+    slope_log2 = 0.0
+    if POS == POS_ALIBI:
+        slope_log2 = tl.load(SlopePtr) * LOG2E
+    return slope_log2
 
 
 @triton.jit
