@@ -48,8 +48,8 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
         window: left sliding window w > 0: key visible iff pq(i) - pk(j) < w (with or without causal).
         q_offset, k_offset: int or (B,) int tensor of absolute start positions. Defaults align the last
             query with the last key: k_offset = 0 and q_offset = k_offset + Nk - Nq.
-        return_lse: also return the (B, Hq, Nq) fp32 log-sum-exp of each row's scores (-inf for a row
-            with no visible key, whose output is 0).
+        return_lse: also return the (B, Hq, Nq) log-sum-exp of each row's scores, fp32 (fp64 for fp64
+            inputs); -inf for a row with no visible key, whose output is 0.
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
 
     Returns:
@@ -71,7 +71,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
     chosen = backends.select(backend, q)
     if chosen is None:  # the dense reference, differentiable through autograd
         out, lse = attention_reference(q, k, v, spec, upcast=False)
-        out, lse = out.to(q.dtype), lse.float()
+        out, lse = out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     else:
         out, lse = FusedAttentionFunction.apply(q, k, v, spec, chosen)
     return (out, lse) if return_lse else out
@@ -103,8 +103,8 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"number of query heads Hq={q.shape[1]} must be a multiple of key/value heads "
                          f"Hkv={k.shape[1]}")
-    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0:
-        raise ValueError(f"B, Nq and Nk must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"B, Hq, Nq and Nk must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def _offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
@@ -130,7 +130,9 @@ def _offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
 def _check_scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a finite float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return float(scale)
 

@@ -86,8 +86,10 @@ class ALiBi(PositionScheme):
                 raise TypeError(f"ALiBi slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
             if slopes.dim() not in (1, 2):
                 raise ValueError(f"ALiBi slopes must have shape (Hq,) or (B, Hq), got {tuple(slopes.shape)}")
-            if not (slopes.is_floating_point()):
+            if not slopes.is_floating_point():
                 raise TypeError(f"ALiBi slopes must be a floating-point tensor, got {slopes.dtype}")
+            if not torch.isfinite(slopes).all():
+                raise ValueError("ALiBi slopes must be finite (found NaN or inf)")
         self.slopes = slopes
 
     def resolve(self, batch, num_heads, head_dim, seq_len, device) -> ResolvedPosition:
@@ -130,11 +132,14 @@ class RoPE(PositionScheme):
                 or attention_factor <= 0:
             raise ValueError(f"RoPE attention_factor must be a finite number > 0, got {attention_factor!r}")
         if inv_freq is not None:
-            if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1 or not inv_freq.is_floating_point():
+            if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1 or not inv_freq.is_floating_point() \
+                    or inv_freq.shape[0] == 0:
                 raise ValueError("RoPE inv_freq must be a 1-D floating-point tensor of length rotary_dim // 2")
             if rotary_dim is not None and inv_freq.shape[0] != rotary_dim // 2:
                 raise ValueError(f"RoPE inv_freq must have length rotary_dim // 2 = {rotary_dim // 2}, "
                                  f"got {inv_freq.shape[0]}")
+            if not torch.isfinite(inv_freq).all():
+                raise ValueError("RoPE inv_freq must be finite (found NaN or inf)")
         self.theta = float(theta)
         self.rotary_dim = rotary_dim
         self.interleaved = bool(interleaved)
@@ -154,7 +159,8 @@ class RoPE(PositionScheme):
         else:
             rotary_dim = head_dim if self.rotary_dim is None else self.rotary_dim
         if rotary_dim > head_dim:
-            raise ValueError(f"RoPE rotary_dim must be <= head dim D={head_dim}, got {rotary_dim}")
+            given = "rotary_dim" if self.rotary_dim is not None else "2 * len(inv_freq)"
+            raise ValueError(f"RoPE rotary_dim must be <= head dim D={head_dim}, got {given} = {rotary_dim}")
         inv_freq, factor = self.frequencies(rotary_dim, seq_len)
         return ResolvedPosition(ROPE_KIND, inv_freq=inv_freq.to(device).contiguous(), rotary_dim=rotary_dim,
                                 interleaved=self.interleaved, attention_factor=factor)
