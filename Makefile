@@ -1,0 +1,33 @@
+# Every target installs what it needs first. torch is pinned because an unpinned or ranged torch pulls a
+# multi-GB CUDA build on machines without one; on a GPU machine install the CUDA torch first and it is kept.
+PY ?= python
+PIP := $(PY) -m pip install -q
+TORCH_PIN := torch==2.13.0
+TRITON_PIN := triton==3.9.0
+PY_DEPS := ninja numpy pytest hypothesis pytest-benchmark matplotlib psutil
+BUILD_STAMP := build/.installed
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/fused_pos_attn/*.h)
+
+.PHONY: install demo test static-check bench
+
+$(BUILD_STAMP): $(EXT_SOURCES)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) $(TORCH_PIN)
+	@$(PY) -c "import triton" 2>/dev/null || $(PIP) $(TRITON_PIN)
+	$(PIP) $(PY_DEPS)
+	MAX_JOBS=2 $(PIP) --no-build-isolation --no-deps -e .
+	@mkdir -p build && touch $@
+
+install: $(BUILD_STAMP)
+
+demo: install
+	$(PY) -m fused_pos_attn check
+
+test: install
+	$(PY) -m pytest -q tests
+
+static-check: install
+	$(PY) -m pytest -q -s -m static tests/test_static_gpu.py
+
+bench: install
+	$(PY) bench/kernels.py
+	$(PY) -m pytest -q bench --benchmark-only
