@@ -7,6 +7,7 @@ Install with `pip install --no-build-isolation -e .` so the installed torch is u
 """
 import glob
 import os
+import platform
 
 import torch
 from setuptools import setup
@@ -31,8 +32,11 @@ def _extension():
     rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]  # noqa: E731  setuptools wants relative paths
     sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                          glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))))
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++17"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # at::vec picks its AVX2 kernels only under CPU_CAPABILITY_AVX2; AVX2 + FMA + F16C is the x86 baseline here.
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     cuda_sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))))
     if cuda_sources and _want_cuda():
         archs = os.environ.get("FUSED_POS_ATTN_CUDA_ARCHS", "80;90").split(";")

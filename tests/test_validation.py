@@ -271,18 +271,23 @@ def test_unknown_backend(backend):
         call(q, k, v, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_backend_not_built(backend):
+def test_cuda_backend_not_built():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=rf"backend='{backend}' is not built .*use backend='triton' or "
-                                         r"'reference'"):
-        call(q, k, v, backend=backend)
+    with pytest.raises(ValueError, match=r"backend='cuda' \(the CUDA C\+\+ kernels\) is not built .*use "
+                                         r"backend='triton' or 'auto' for CUDA tensors"):
+        call(q, k, v, backend="cuda")
+
+
+def test_cpu_backend_needs_cpu_tensors():
+    q, k, v = (t.to("meta") for t in qkv())
+    with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors, got device meta"):
+        call(q, k, v, backend="cpu")
 
 
 def test_triton_float64():
     q, k, v = qkv(torch.float64)
     with pytest.raises(TypeError, match=r"backend='triton' supports float16, bfloat16 and float32; got float64 "
-                                        r"\(use backend='reference' for float64\)"):
+                                        r"\(use backend='cpu' or 'reference' for float64\)"):
         call(q, k, v, backend="triton")
 
 

@@ -5,14 +5,12 @@ The dense reference is not a kernel backend: `select` returns None for it.
 from __future__ import annotations
 
 import os
-import warnings
 from types import ModuleType
 from typing import Optional
 
 import torch
 
 BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "reference")
-_warned_cpu_fallback = False
 
 
 def triton_interpreter_enabled() -> bool:
@@ -21,26 +19,26 @@ def triton_interpreter_enabled() -> bool:
 
 
 def select(name: str, q: torch.Tensor) -> Optional[ModuleType]:
-    """Backend module for tensors like q, or None for the dense reference."""
+    """Backend module for tensors like q, or None for the dense reference.
+
+    auto: Triton for CUDA tensors, the native C++ kernels for CPU tensors.
+    """
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "reference":
         return None
-    if name == "triton":
+    if name == "triton" or (name == "auto" and q.is_cuda):
         return _triton_for(q)
-    if name in ("cuda", "cpu"):
-        raise ValueError(f"backend={name!r} is not built in this version of fused_pos_attn; "
-                         "use backend='triton' or 'reference'")
-    if q.is_cuda:
-        return _triton_for(q)
-    _warn_cpu_fallback()
-    return None
+    if name == "cuda":
+        raise ValueError("backend='cuda' (the CUDA C++ kernels) is not built in this version of fused_pos_attn; "
+                         "use backend='triton' or 'auto' for CUDA tensors")
+    return _cpu_for(q)
 
 
 def _triton_for(q: torch.Tensor) -> ModuleType:
     if q.dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32; got float64 "
-                        "(use backend='reference' for float64)")
+                        "(use backend='cpu' or 'reference' for float64)")
     if not q.is_cuda and not triton_interpreter_enabled():
         raise ValueError(f"backend='triton' needs CUDA tensors (got device {q.device}), or "
                          "TRITON_INTERPRET=1 set before import to run the kernels on CPU tensors")
@@ -48,9 +46,8 @@ def _triton_for(q: torch.Tensor) -> ModuleType:
     return triton_backend
 
 
-def _warn_cpu_fallback() -> None:
-    global _warned_cpu_fallback
-    if not _warned_cpu_fallback:
-        _warned_cpu_fallback = True
-        warnings.warn("fused_pos_attn: no native CPU backend is built yet; backend='auto' on CPU tensors "
-                      "runs the dense reference (O(Nq*Nk) memory)", RuntimeWarning, stacklevel=3)
+def _cpu_for(q: torch.Tensor) -> ModuleType:
+    if q.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")
+    from . import cpu_backend
+    return cpu_backend

@@ -1,0 +1,116 @@
+// CPU attention forward: FlashAttention-2's online softmax over key blocks, one task per
+// (batch, query head, block of kBlockM query rows). Per-thread tiles only: nothing of size Nq x Nk.
+#include "cpu_kernels.h"
+#include "gemm.h"
+#include "tiles.h"
+
+namespace fused_pos_attn::cpu {
+namespace {
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                  const AttentionParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = p.head_dim;
+  const int64_t block_m = std::min(kBlockM, p.seq_q), block_n = std::min(kBlockN, p.seq_k);
+  const int64_t num_q_blocks = (p.seq_q + block_m - 1) / block_m;
+  const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
+  RopeTables<acc_t> rope_q, rope_k;
+  if (rope) {
+    rope_q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
+    rope_k = make_rope_tables<acc_t>(p, p.k_offset, p.seq_k);
+  }
+  const auto qv = view4<const scalar_t>(q), kv = view4<const scalar_t>(k), vv = view4<const scalar_t>(v);
+  const auto ov = view4<scalar_t>(out);
+  acc_t* lse_data = lse.data_ptr<acc_t>();
+  // fp32/fp64 rows with unit stride are read in place by BLAS; everything else is packed.
+  const bool k_in_place = std::is_same_v<scalar_t, acc_t> && k.stride(3) == 1 && !rope;
+  const bool v_in_place = std::is_same_v<scalar_t, acc_t> && v.stride(3) == 1;
+
+  at::parallel_for(0, p.batch * p.heads_q * num_q_blocks, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlasScope sequential_blas;
+    std::vector<acc_t> q_tile(block_m * D), k_tile(block_n * D), v_tile(block_n * D), scores(block_m * block_n);
+    std::vector<acc_t> acc(block_m * D), row_max_v(block_m), row_sum(block_m);
+    RowIntervals intervals;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.heads_q * num_q_blocks), h = task / num_q_blocks % p.heads_q;
+      const int64_t kv_h = h / p.group(), i0 = task % num_q_blocks * block_m;
+      const int64_t rows = std::min(block_m, p.seq_q - i0);
+      const acc_t slope = alibi ? static_cast<acc_t>(p.slope(b, h)) : acc_t(0);
+      pack_rows(qv, b, h, i0, rows, D, static_cast<acc_t>(p.scale), rope ? &rope_q : nullptr, p.interleaved,
+                q_tile.data());
+      visible_intervals(p, b, i0, rows, intervals);
+      std::fill(row_max_v.begin(), row_max_v.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+
+      for (int64_t n0 = intervals.lo; n0 < intervals.hi; n0 += block_n) {
+        const int64_t cols = std::min(block_n, intervals.hi - n0);
+        const acc_t* k_ptr = k_tile.data();
+        int64_t ldk = D;
+        if (k_in_place) {
+          k_ptr = reinterpret_cast<const acc_t*>(kv.row(b, kv_h, n0));
+          ldk = kv.stride_n;
+        } else {
+          pack_rows(kv, b, kv_h, n0, cols, D, acc_t(1), rope ? &rope_k : nullptr, p.interleaved, k_tile.data());
+        }
+        gemm<acc_t>(false, true, rows, cols, D, acc_t(1), q_tile.data(), D, k_ptr, ldk, acc_t(0), scores.data(), cols);
+
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s = scores.data() + r * cols;
+          const int64_t lo = std::clamp(intervals.rows[r].first - n0, int64_t{0}, cols);
+          const int64_t hi = std::clamp(intervals.rows[r].last - n0, int64_t{0}, cols);
+          if (lo >= hi) {  // no visible key for this row in this block
+            std::fill(s, s + cols, acc_t(0));
+            continue;
+          }
+          if (alibi) add_alibi_bias(s, lo, hi, slope, p.q_offset[b] + i0 + r - (p.k_offset[b] + n0));
+          const acc_t m_new = std::max(row_max_v[r], row_max(s, lo, hi));
+          const acc_t alpha = std::exp(row_max_v[r] - m_new);  // 0 when the row had no key before
+          const acc_t sum = exp_row(s, cols, lo, hi, m_new);
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max_v[r] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* a = acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+          }
+        }
+
+        const acc_t* v_ptr = v_tile.data();
+        int64_t ldv = D;
+        if (v_in_place) {
+          v_ptr = reinterpret_cast<const acc_t*>(vv.row(b, kv_h, n0));
+          ldv = vv.stride_n;
+        } else {
+          pack_rows(vv, b, kv_h, n0, cols, D, acc_t(1), static_cast<const RopeTables<acc_t>*>(nullptr), false,
+                    v_tile.data());
+        }
+        gemm<acc_t>(false, false, rows, D, cols, acc_t(1), scores.data(), cols, v_ptr, ldv, acc_t(1), acc.data(), D);
+      }
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = row_sum[r] == acc_t(0);  // no visible key: out 0, lse -inf
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum[r];
+        scalar_t* o = ov.row(b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) o[d * ov.stride_d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+        lse_data[(b * p.heads_q + h) * p.seq_q + i0 + r] =
+            empty ? -std::numeric_limits<acc_t>::infinity() : row_max_v[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const AttentionParams& p) {
+  auto out = at::empty_like(q);
+  // LSE in the accumulation type: fp32, or fp64 for fp64 inputs.
+  auto lse = at::empty({p.batch, p.heads_q, p.seq_q},
+                       q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_forward_cpu",
+                                  [&] { forward_impl<scalar_t>(q, k, v, out, lse, p); });
+  return {out, lse};
+}
+
+}  // namespace fused_pos_attn::cpu

@@ -1,0 +1,189 @@
+// Building blocks of the CPU attention kernels: strided views, RoPE tables, tile packing (with the
+// rotation applied as a tile is loaded) and vectorized softmax rows. Tiles are row-major acc_t buffers
+// with row stride D; a per-thread tile never exceeds kBlockM x kBlockN scores.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fused_pos_attn/attention_params.h"
+
+namespace fused_pos_attn::cpu {
+
+constexpr int64_t kBlockM = 128;  // query rows per task: amortizes packing / rotating each key tile
+constexpr int64_t kBlockN = 256;  // keys per step: big enough for BLAS, small enough for L2
+
+// A (B, H, N, D) tensor with arbitrary strides (in elements).
+template <typename T>
+struct View4 {
+  T* data;
+  int64_t stride_b, stride_h, stride_n, stride_d;
+  T* row(int64_t b, int64_t h, int64_t n) const { return data + b * stride_b + h * stride_h + n * stride_n; }
+};
+
+template <typename T>
+View4<T> view4(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// RoPE cos and signed sin (attention factor folded in) for rows at positions offset[b] + n, laid out
+// (B, N, rotary_dim): row (b, n) rotates as x'[d] = x[d] * cos[d] + x[partner(d)] * sin[d].
+template <typename acc_t>
+struct RopeTables {
+  std::vector<acc_t> cos, sin;
+  int64_t seq = 0;
+  int rotary_dim = 0;
+  const acc_t* cos_row(int64_t b, int64_t n) const { return cos.data() + (b * seq + n) * rotary_dim; }
+  const acc_t* sin_row(int64_t b, int64_t n) const { return sin.data() + (b * seq + n) * rotary_dim; }
+};
+
+template <typename acc_t>
+RopeTables<acc_t> make_rope_tables(const AttentionParams& p, const int64_t* offset, int64_t seq) {
+  RopeTables<acc_t> t;
+  t.seq = seq;
+  t.rotary_dim = p.rotary_dim;
+  const int r = p.rotary_dim;
+  t.cos.resize(p.batch * seq * r);
+  t.sin.resize(p.batch * seq * r);
+  at::parallel_for(0, p.batch * seq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t pos = offset[idx / seq] + idx % seq;
+      for (int d = 0; d < r; ++d) {
+        const RopeColumn col = rope_column(d, r, p.interleaved);
+        const double angle = rope_angle(pos, p.inv_freq[col.freq_index]);
+        t.cos[idx * r + d] = static_cast<acc_t>(p.attention_factor * std::cos(angle));
+        t.sin[idx * r + d] = static_cast<acc_t>(p.attention_factor * col.sign * std::sin(angle));
+      }
+    }
+  });
+  return t;
+}
+
+// Rotate the first rotary_dim entries of row x in place; TRANSPOSED applies the inverse rotation
+// (angle -> -angle), which maps gradients w.r.t. rotated rows back to the original rows.
+template <bool TRANSPOSED, typename acc_t>
+void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bool interleaved) {
+  acc_t original[512];  // rotary_dim <= D <= 256 (checked before any kernel runs)
+  std::copy(x, x + rotary_dim, original);
+  const acc_t sign = TRANSPOSED ? acc_t(-1) : acc_t(1);
+  if (interleaved) {
+    for (int d = 0; d < rotary_dim; d += 2) {
+      x[d] = original[d] * cos[d] + sign * original[d + 1] * sin[d];
+      x[d + 1] = original[d + 1] * cos[d + 1] + sign * original[d] * sin[d + 1];
+    }
+  } else {
+    const int half = rotary_dim / 2;
+    for (int d = 0; d < half; ++d) x[d] = original[d] * cos[d] + sign * original[d + half] * sin[d];
+    for (int d = half; d < rotary_dim; ++d) x[d] = original[d] * cos[d] + sign * original[d - half] * sin[d];
+  }
+}
+
+// Copy rows [n0, n0 + rows) of head (b, h) into a contiguous acc_t tile (row stride D), times mult,
+// rotated at their positions when rope is given.
+template <typename scalar_t, typename acc_t>
+void pack_rows(const View4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t head_dim,
+               acc_t mult, const RopeTables<acc_t>* rope, bool interleaved, acc_t* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* x = src.row(b, h, n0 + i);
+    acc_t* y = dst + i * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) y[d] = static_cast<acc_t>(x[d * src.stride_d]) * mult;
+    if (rope) rotate_row<false>(y, rope->cos_row(b, n0 + i), rope->sin_row(b, n0 + i), rope->rotary_dim, interleaved);
+  }
+}
+
+// Write acc_t rows (row stride D) to rows [n0, n0 + rows) of head (b, h), times mult, rotated back
+// (transposed rotation) when rope is given. Used for dq, dk, dv.
+template <typename scalar_t, typename acc_t>
+void store_rows(acc_t* src, int64_t rows, int64_t head_dim, acc_t mult, const RopeTables<acc_t>* rope,
+                bool interleaved, const View4<scalar_t>& dst, int64_t b, int64_t h, int64_t n0) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* x = src + i * head_dim;
+    if (rope) rotate_row<true>(x, rope->cos_row(b, n0 + i), rope->sin_row(b, n0 + i), rope->rotary_dim, interleaved);
+    scalar_t* y = dst.row(b, h, n0 + i);
+    for (int64_t d = 0; d < head_dim; ++d) y[d * dst.stride_d] = static_cast<scalar_t>(x[d] * mult);
+  }
+}
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+template <typename acc_t>
+Vec<acc_t> vec_exp(const Vec<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// s[j] += -slope * |rel0 - j| for j in [lo, hi): the ALiBi bias of a score row whose column 0 sits at
+// relative distance rel0 = pq(i) - pk(n0) (clamped as in position.h).
+template <typename acc_t>
+void add_alibi_bias(acc_t* s, int64_t lo, int64_t hi, acc_t slope, int64_t rel0) {
+  const acc_t base = static_cast<acc_t>(clamp_rel(rel0));
+  const Vec<acc_t> neg_slope(-slope), vbase(base);
+  int64_t j = lo;
+  for (; j + Vec<acc_t>::size() <= hi; j += Vec<acc_t>::size()) {
+    const Vec<acc_t> cols = Vec<acc_t>::arange(static_cast<acc_t>(j), acc_t(1));
+    (Vec<acc_t>::loadu(s + j) + neg_slope * (vbase - cols).abs()).store(s + j);
+  }
+  for (; j < hi; ++j) s[j] += -slope * std::abs(base - static_cast<acc_t>(j));
+}
+
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t lo, int64_t hi) {
+  return at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, s + lo,
+                                    hi - lo);
+}
+
+// s[j] = exp(s[j] - shift) on [lo, hi) and 0 elsewhere in [0, cols); returns the sum.
+template <typename acc_t>
+acc_t exp_row(acc_t* s, int64_t cols, int64_t lo, int64_t hi, acc_t shift) {
+  std::fill(s, s + lo, acc_t(0));
+  std::fill(s + hi, s + cols, acc_t(0));
+  const Vec<acc_t> vshift(shift);
+  Vec<acc_t> vsum(acc_t(0));
+  int64_t j = lo;
+  for (; j + Vec<acc_t>::size() <= hi; j += Vec<acc_t>::size()) {
+    const Vec<acc_t> e = vec_exp<acc_t>(Vec<acc_t>::loadu(s + j) - vshift);
+    e.store(s + j);
+    vsum += e;
+  }
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, vsum);
+  for (; j < hi; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// Visible key interval [first, last) of each query row of a block, and the union over the block.
+struct RowIntervals {
+  std::vector<KeyInterval> rows;
+  int64_t lo = 0, hi = 0;  // union; lo == hi when no row sees any key
+};
+
+inline void visible_intervals(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows, RowIntervals& out) {
+  out.rows.resize(rows);
+  out.lo = p.seq_k;
+  out.hi = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const KeyInterval iv = visible_keys(p.q_offset[b] + i0 + r, p.k_offset[b], p.seq_k, p.causal, p.window);
+    out.rows[r] = iv;
+    if (iv.first < iv.last) {
+      out.lo = std::min(out.lo, iv.first);
+      out.hi = std::max(out.hi, iv.last);
+    }
+  }
+  if (out.lo >= out.hi) out.lo = out.hi = 0;
+}
+
+}  // namespace fused_pos_attn::cpu
