@@ -4,9 +4,9 @@ saved LSE; with RoPE the kernels work on rotated tiles and rotate dq, dk back (t
 import triton
 import triton.language as tl
 
-from .forward import key_block_range, load_position_tile, load_tile
-from .position import (LOG2E, POS_ALIBI, POS_ROPE, alibi_bias_log2, alibi_slope_log2, relative_positions,
-                       rope_rotate_tile, visible_mask)
+from .forward import key_block_range
+from .position import LOG2E, POS_ALIBI, alibi_bias_log2, alibi_slope_log2, relative_positions, visible_mask
+from .tiles import load_qk_tiles, load_tile, qk_dot, store_qk_grad
 
 
 @triton.jit
@@ -27,12 +27,13 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, stride_ob, stride_oh, stride_o
 
 
 @triton.jit
-def _score_probs(q, k, lse_log2, q_pos_start, k_pos_start, offs_n, seq_len_k, qk_scale_log2, slope_log2,
-                 window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Recomputed probabilities P (BLOCK_M, BLOCK_N) fp32 of a tile from rotated q, k and the row LSE
-    (log2 domain; +inf for rows to skip, so their P is 0)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+def _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, q_pos_start, k_pos_start, offs_n, seq_len_k,
+                 qk_scale_log2, slope_log2, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_PASS: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Recomputed probabilities P (BLOCK_M, BLOCK_N) fp32 of a tile from (main, pass) q, k tiles and the row
+    LSE (log2 domain; +inf for rows to skip, so their P is 0)."""
+    s = qk_dot(q_main, q_pass, k_main, k_pass, HAS_PASS, DOT_PRECISION) * qk_scale_log2
     rel = relative_positions(q_pos_start, k_pos_start, BLOCK_M, BLOCK_N)
     if POS == POS_ALIBI:
         s += alibi_bias_log2(rel, slope_log2)
@@ -59,11 +60,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                           stride_sb, stride_sh,
-                          num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, rotary_dim,
-                          attention_factor, len_bucket_q, len_bucket_k,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, POS: tl.constexpr,
-                          CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
+                          len_bucket_q, len_bucket_k,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
+                          PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr,
+                          POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     """dK, dV (B, Hkv, Nk, D) for one key block of one kv head, summed over its query-head group
     (so no atomics). Query blocks that cannot see this key block are skipped."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -77,9 +80,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    kv_mask = (offs_n < seq_len_k)[:, None] & mask_d[None, :]
-    k = load_position_tile(K + b * stride_kb + kv_h * stride_kh, offs_n, seq_len_k, stride_kn, stride_kd, offs_d,
-                           mask_d, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+    k_main, k_pass = load_qk_tiles(K + b * stride_kb + kv_h * stride_kh, offs_n, seq_len_k, stride_kn, stride_kd,
+                                   k_off + offs_n, InvFreq, attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK,
+                                   HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     v = load_tile(V + b * stride_vb + kv_h * stride_vh, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
 
     # Query rows that can see keys [start_n, n_end): i >= k_off - q_off + start_n (causal) and
@@ -95,7 +98,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
     lo = lo.to(tl.int32)
     hi = hi.to(tl.int32)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk_main = tl.zeros([BLOCK_N, MAIN_BLOCK], tl.float32)
+    dk_pass = tl.zeros([BLOCK_N, PASS_BLOCK], tl.float32)  # used only when HAS_PASS
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale_log2 = sm_scale * LOG2E
     for g in range(0, num_kv_groups):
@@ -106,24 +110,26 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
         row_base = (b * num_heads + h) * seq_len_q
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_position_tile(Qh, offs_m, seq_len_q, stride_qn, stride_qd, offs_d, mask_d, q_off + offs_m,
-                                   InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+            q_main, q_pass = load_qk_tiles(Qh, offs_m, seq_len_q, stride_qn, stride_qd, q_off + offs_m, InvFreq,
+                                           attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM,
+                                           POS, INTERLEAVED)
             do = load_tile(DOh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
             lse_log2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q)
-            p = _score_probs(q, k, lse_log2, q_off + start_m, k_off + start_n, offs_n, seq_len_k, qk_scale_log2,
-                             slope_log2, window, BLOCK_M, BLOCK_N, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
+            p = _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, q_off + start_m, k_off + start_n, offs_n,
+                             seq_len_k, qk_scale_log2, slope_log2, window, BLOCK_M, BLOCK_N, HAS_PASS, POS, CAUSAL,
+                             HAS_WINDOW, DOT_PRECISION)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])  # dL/dscore (natural-log domain)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
-    dk *= sm_scale
-    if POS == POS_ROPE:  # dk above is w.r.t. the rotated k
-        dk = rope_rotate_tile(dk, k_off + offs_n, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
-                              True)
-    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
+            ds_t = tl.trans((p * (dp - delta[:, None])).to(q_main.dtype))  # dL/dscore^T (natural-log domain)
+            dk_main = tl.dot(ds_t, q_main, dk_main, input_precision=DOT_PRECISION)
+            if HAS_PASS:
+                dk_pass = tl.dot(ds_t, q_pass, dk_pass, input_precision=DOT_PRECISION)
+    # dk_main / dk_pass are w.r.t. the rotated k tiles; store_qk_grad rotates them back.
+    store_qk_grad(DK + b * stride_dkb + kv_h * stride_dkh, offs_n, seq_len_k, stride_dkn, stride_dkd,
+                  dk_main * sm_scale, dk_pass * sm_scale, k_off + offs_n, InvFreq, attention_factor, HEAD_DIM,
+                  MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+             dv.to(DV.dtype.element_ty), mask=(offs_n < seq_len_k)[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -134,11 +140,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
                         stride_dob, stride_doh, stride_don, stride_dod,
                         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                         stride_sb, stride_sh,
-                        num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, rotary_dim,
-                        attention_factor, len_bucket_q, len_bucket_k,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, POS: tl.constexpr,
-                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
+                        len_bucket_q, len_bucket_k,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
+                        PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr,
+                        POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """dQ (B, Hq, Nq, D) for one query block of one query head over the key blocks it can see."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -151,9 +159,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    row_mask = (offs_m < seq_len_q)[:, None] & mask_d[None, :]
-    q = load_position_tile(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd, offs_d,
-                           mask_d, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+    q_main, q_pass = load_qk_tiles(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd,
+                                   q_off + offs_m, InvFreq, attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK,
+                                   HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     do = load_tile(DOut + b * stride_dob + h * stride_doh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
     lse_log2, delta = _load_row_stats(Lse, Delta, (b * num_heads + h) * seq_len_q, offs_m, seq_len_q)
     slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
@@ -162,21 +170,24 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
 
     q_end = tl.minimum(start_m + BLOCK_M, seq_len_q)
     lo, hi = key_block_range(start_m, q_end, q_off - k_off, seq_len_k, window, BLOCK_N, CAUSAL, HAS_WINDOW)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq_main = tl.zeros([BLOCK_M, MAIN_BLOCK], tl.float32)
+    dq_pass = tl.zeros([BLOCK_M, PASS_BLOCK], tl.float32)  # used only when HAS_PASS
     qk_scale_log2 = sm_scale * LOG2E
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_position_tile(K, offs_n, seq_len_k, stride_kn, stride_kd, offs_d, mask_d, k_off + offs_n, InvFreq,
-                               rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+        k_main, k_pass = load_qk_tiles(K, offs_n, seq_len_k, stride_kn, stride_kd, k_off + offs_n, InvFreq,
+                                       attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS,
+                                       INTERLEAVED)
         v = load_tile(V, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
-        p = _score_probs(q, k, lse_log2, q_off + start_m, k_off + start_n, offs_n, seq_len_k, qk_scale_log2,
-                         slope_log2, window, BLOCK_M, BLOCK_N, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
+        p = _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, q_off + start_m, k_off + start_n, offs_n,
+                         seq_len_k, qk_scale_log2, slope_log2, window, BLOCK_M, BLOCK_N, HAS_PASS, POS, CAUSAL,
+                         HAS_WINDOW, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    dq *= sm_scale
-    if POS == POS_ROPE:  # dq above is w.r.t. the rotated q
-        dq = rope_rotate_tile(dq, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
-                              True)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=row_mask)
+        ds = (p * (dp - delta[:, None])).to(k_main.dtype)
+        dq_main = tl.dot(ds, k_main, dq_main, input_precision=DOT_PRECISION)
+        if HAS_PASS:
+            dq_pass = tl.dot(ds, k_pass, dq_pass, input_precision=DOT_PRECISION)
+    # dq_main / dq_pass are w.r.t. the rotated q tiles; store_qk_grad rotates them back.
+    store_qk_grad(DQ + b * stride_dqb + h * stride_dqh, offs_m, seq_len_q, stride_dqn, stride_dqd,
+                  dq_main * sm_scale, dq_pass * sm_scale, q_off + offs_m, InvFreq, attention_factor, HEAD_DIM,
+                  MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)

@@ -14,36 +14,44 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+# Every config below compiles for sm_80 and sm_90 without register spills and within shared memory for
+# pos none, alibi and rope (tests/test_static_gpu.py, table in bench/results/static_check.md), except
+# rope at BLOCK_D 256, which spills in every tile tried (the lists there are the spill-free ones for
+# none/alibi). The lists are shared by all schemes, so they are sized for RoPE, whose rotation of a
+# (rows, BLOCK_D) tile holds fp32 x, partner x, cos and sin in registers at once: 4 warps for 128-row
+# tiles, and most tiles at BLOCK_D >= 128, spill with it.
+
+
 def forward_configs(block_d: int) -> list:
     """Forward: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
     if block_d <= 64:
-        shapes = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)]
+        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
     elif block_d <= 128:
-        shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+        shapes = [(64, 32, 8, 3), (64, 32, 8, 4), (64, 16, 8, 3)]
     else:
-        shapes = [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
+        shapes = [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)]
     return _configs(shapes)
 
 
 def backward_dkdv_configs(block_d: int) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
     if block_d <= 64:
-        shapes = [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
+        shapes = [(64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 8, 3)]
     elif block_d <= 128:
-        shapes = [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)]
+        shapes = [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)]
     else:
-        shapes = [(32, 64, 8, 1), (16, 64, 4, 1)]
+        shapes = [(32, 64, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1)]
     return _configs(shapes)
 
 
 def backward_dq_configs(block_d: int) -> list:
     """dQ: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
     if block_d <= 64:
-        shapes = [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+        shapes = [(128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 4, 3)]
     elif block_d <= 128:
-        shapes = [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)]
+        shapes = [(64, 16, 8, 1), (32, 32, 8, 2), (32, 32, 8, 3)]
     else:
-        shapes = [(64, 32, 8, 1), (64, 16, 4, 1)]
+        shapes = [(64, 32, 8, 2), (32, 32, 8, 1), (32, 16, 8, 1)]
     return _configs(shapes)
 
 

@@ -2,28 +2,8 @@
 import triton
 import triton.language as tl
 
-from .position import (LN2, LOG2E, POS_ALIBI, POS_ROPE, alibi_bias_log2, alibi_slope_log2, relative_positions,
-                       rope_rotate_tile, visible_mask)
-
-
-
-@triton.jit
-def load_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d):
-    """(R, BLOCK_D) tile of rows offs_rows of a (N, D) matrix; rows >= num_rows and padded dims read 0."""
-    mask = (offs_rows < num_rows)[:, None] & mask_d[None, :]
-    return tl.load(Base + offs_rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-
-
-@triton.jit
-def load_position_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d, positions, InvFreq,
-                       rotary_dim, attention_factor, BLOCK_D: tl.constexpr, POS: tl.constexpr,
-                       INTERLEAVED: tl.constexpr):
-    """load_tile for q or k: rotated in registers at positions (R,) when POS is RoPE (input dtype)."""
-    x = load_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d)
-    if POS == POS_ROPE:
-        x = rope_rotate_tile(x, positions, InvFreq, rotary_dim, attention_factor, BLOCK_D, INTERLEAVED,
-                             False).to(x.dtype)
-    return x
+from .position import LN2, LOG2E, POS_ALIBI, alibi_bias_log2, alibi_slope_log2, relative_positions, visible_mask
+from .tiles import load_qk_tiles, load_tile, qk_dot
 
 
 @triton.jit
@@ -44,19 +24,21 @@ def key_block_range(q_start, q_end, delta, seq_len_k, window, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
-                    q_pos_start, k_off, seq_len_k, lo, hi, qk_scale_log2, slope_log2, window, rotary_dim,
-                    attention_factor, offs_d, mask_d,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
+                    q_pos_start, k_off, seq_len_k, lo, hi, qk_scale_log2, slope_log2, window, attention_factor,
+                    offs_d, mask_d,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MAIN_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr,
+                    ROTARY_DIM: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     INTERLEAVED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax update over key blocks [lo, hi). acc (BLOCK_M, BLOCK_D) fp32; m_i, l_i (BLOCK_M,)
     in the log2 domain. MASKED=False is only used on blocks every row sees in full."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_position_tile(K, offs_n, seq_len_k, stride_kn, stride_kd, offs_d, mask_d, k_off + offs_n, InvFreq,
-                               rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
+        k_main, k_pass = load_qk_tiles(K, offs_n, seq_len_k, stride_kn, stride_kd, k_off + offs_n, InvFreq,
+                                       attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM,
+                                       POS, INTERLEAVED)
+        s = qk_dot(q_main, q_pass, k_main, k_pass, HAS_PASS, DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
         if POS == POS_ALIBI or MASKED:
             rel = relative_positions(q_pos_start, k_off + start_n, BLOCK_M, BLOCK_N)
             if POS == POS_ALIBI:
@@ -82,11 +64,12 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_sb, stride_sh,
-                     num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, rotary_dim,
-                     attention_factor, len_bucket_q, len_bucket_k,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
+                     len_bucket_q, len_bucket_k,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
+                     PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr, POS: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out (B, Hq, Nq, D) and Lse (B, Hq, Nq) fp32, natural log. len_bucket_* only key the autotuner."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -100,8 +83,9 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seq_len_q
     mask_d = offs_d < HEAD_DIM
-    q = load_position_tile(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd, offs_d,
-                           mask_d, q_off + offs_m, InvFreq, rotary_dim, attention_factor, BLOCK_D, POS, INTERLEAVED)
+    q_main, q_pass = load_qk_tiles(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd,
+                                   q_off + offs_m, InvFreq, attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK,
+                                   HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
@@ -125,18 +109,21 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale_log2 = sm_scale * LOG2E
     q_pos_start = q_off + start_m
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    q_pos_start, k_off, seq_len_k, lo, full_lo, qk_scale_log2, slope_log2,
-                                    window, rotary_dim, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N,
-                                    BLOCK_D, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    q_pos_start, k_off, seq_len_k, full_lo, full_hi, qk_scale_log2, slope_log2,
-                                    window, rotary_dim, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N,
-                                    BLOCK_D, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    q_pos_start, k_off, seq_len_k, full_hi, hi, qk_scale_log2, slope_log2,
-                                    window, rotary_dim, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N,
-                                    BLOCK_D, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn,
+                                    stride_vd, q_pos_start, k_off, seq_len_k, lo, full_lo, qk_scale_log2, slope_log2,
+                                    window, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK,
+                                    PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True,
+                                    DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn,
+                                    stride_vd, q_pos_start, k_off, seq_len_k, full_lo, full_hi, qk_scale_log2,
+                                    slope_log2, window, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL, HAS_WINDOW,
+                                    INTERLEAVED, False, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn,
+                                    stride_vd, q_pos_start, k_off, seq_len_k, full_hi, hi, qk_scale_log2, slope_log2,
+                                    window, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK,
+                                    PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True,
+                                    DOT_PRECISION)
 
     # Rows with no visible key: out = 0, lse = -inf.
     empty = l_i == 0.0

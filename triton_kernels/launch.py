@@ -17,8 +17,8 @@ from .forward import _attn_fwd_kernel
 from .position import POS_ALIBI, POS_NONE, POS_ROPE
 
 POS_CODES = {"none": POS_NONE.value, "alibi": POS_ALIBI.value, "rope": POS_ROPE.value}
-_TUNE_KEY = ["HEAD_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION", "len_bucket_q",
-             "len_bucket_k"]
+_TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION",
+             "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
                  _attn_bwd_dq_kernel: backward_dq_configs}
 
@@ -56,6 +56,16 @@ def _launch(kernel, grid_fn, args: list, meta: dict) -> None:
         _autotuned(kernel, meta["BLOCK_D"])[grid_fn](*args, **meta)
 
 
+def _tile_widths(position: KernelPosition, head_dim: int) -> dict:
+    """Constexpr widths of the q/k tiles (see tiles.py): RoPE splits rows into rotary columns in paired
+    layout (MAIN_BLOCK) and pass-through columns (PASS_BLOCK, when rotary_dim < D)."""
+    if position.kind != "rope":
+        return dict(MAIN_BLOCK=block_d_for(head_dim), PASS_BLOCK=16, HAS_PASS=False, ROTARY_DIM=0)
+    rotary_dim, pass_dim = position.rotary_dim, head_dim - position.rotary_dim
+    return dict(MAIN_BLOCK=2 * max(8, triton.next_power_of_2(rotary_dim // 2)),
+                PASS_BLOCK=max(16, triton.next_power_of_2(pass_dim)), HAS_PASS=pass_dim > 0, ROTARY_DIM=rotary_dim)
+
+
 def _common(q: torch.Tensor, k: torch.Tensor, position: KernelPosition, scale: float, causal: bool,
             window: Optional[int]):
     """Scalar arguments and constexpr flags shared by the three attention kernels."""
@@ -65,11 +75,10 @@ def _common(q: torch.Tensor, k: torch.Tensor, position: KernelPosition, scale: f
     slopes = position.slopes if position.slopes is not None else placeholder.expand(batch, num_heads)
     inv_freq = position.inv_freq if position.inv_freq is not None else placeholder
     scalars = [num_heads, num_heads // k.shape[1], seq_q, seq_k, float(scale), int(window or 0),
-               int(position.rotary_dim), float(position.attention_factor), triton.next_power_of_2(seq_q),
-               triton.next_power_of_2(seq_k)]
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), POS=POS_CODES[position.kind], CAUSAL=causal,
-                HAS_WINDOW=window is not None, INTERLEAVED=position.interleaved,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+               float(position.attention_factor), triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k)]
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), **_tile_widths(position, head_dim),
+                POS=POS_CODES[position.kind], CAUSAL=causal, HAS_WINDOW=window is not None,
+                INTERLEAVED=position.interleaved, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return slopes, inv_freq, scalars, meta
 
 

@@ -53,48 +53,38 @@ def alibi_bias_log2(rel, slope_log2):
 
 
 @triton.jit
-def rope_tables(positions, InvFreq, rotary_dim, attention_factor, BLOCK_D: tl.constexpr,
-                INTERLEAVED: tl.constexpr):
-    """cos and signed sin tables (R, BLOCK_D) fp32 and the partner column index (BLOCK_D,) int32.
+def rope_pair_columns(MAIN_BLOCK: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Head-dim column of each slot of a rotary tile in paired layout, and which slots are real.
 
-    positions: (R,) int64 absolute positions. Rotating a row x gives x * cos + x[partner] * signed_sin;
-    columns >= rotary_dim get cos = 1, sin = 0 (pass-through, no attention factor). The angle
-    pos * inv_freq is rounded to fp32 exactly as the reference does.
+    Slot j holds member j % 2 of rotation pair j // 2: rotate-half pairs columns (p, p + r/2),
+    interleaved pairs (2p, 2p + 1). q and k share this column order, so q.k is unchanged by it.
     """
-    offs_d = tl.arange(0, BLOCK_D)
-    half = rotary_dim // 2
-    rotary = offs_d < rotary_dim
+    slot = tl.arange(0, MAIN_BLOCK)
+    pair = slot // 2
+    member = slot % 2
     if INTERLEAVED:
-        freq_index = offs_d // 2
-        partner = offs_d ^ 1
-        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        column = 2 * pair + member
     else:
-        first_half = offs_d < half
-        freq_index = tl.where(first_half, offs_d, offs_d - half)
-        partner = tl.where(first_half, offs_d + half, offs_d - half)
-        sign = tl.where(first_half, -1.0, 1.0)
-    partner = tl.where(rotary, partner, offs_d)
-    inv_freq = tl.load(InvFreq + freq_index, mask=rotary, other=0.0)
+        column = pair + member * (ROTARY_DIM // 2)
+    return column, pair < ROTARY_DIM // 2
+
+
+@triton.jit
+def rope_cos_sin(positions, InvFreq, attention_factor, HALF_BLOCK: tl.constexpr, ROTARY_DIM: tl.constexpr):
+    """cos, sin (R, HALF_BLOCK) fp32 of pair p at positions (R,) int64, times the attention factor.
+
+    The angle pos * inv_freq is rounded to fp32 exactly as the reference does."""
+    pair = tl.arange(0, HALF_BLOCK)
+    inv_freq = tl.load(InvFreq + pair, mask=pair < ROTARY_DIM // 2, other=0.0)
     angle = positions.to(tl.float32)[:, None] * inv_freq[None, :]
-    cos = tl.where(rotary[None, :], tl.cos(angle) * attention_factor, 1.0)
-    signed_sin = tl.where(rotary[None, :], tl.sin(angle) * (attention_factor * sign[None, :]), 0.0)
-    return cos, signed_sin, partner
+    return tl.cos(angle) * attention_factor, tl.sin(angle) * attention_factor
 
 
 @triton.jit
-def rope_rotate(x, cos, signed_sin, partner):
-    """Rotate an fp32 tile x (R, BLOCK_D) in registers; pass -signed_sin for the transposed rotation
-    (the backward maps d(rotated) back to d(original))."""
-    x_partner = tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), axis=1)
-    return x * cos + x_partner * signed_sin
-
-
-@triton.jit
-def rope_rotate_tile(x, positions, InvFreq, rotary_dim, attention_factor, BLOCK_D: tl.constexpr,
-                     INTERLEAVED: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Rotate a freshly loaded tile x (R, BLOCK_D) at positions (R,); returns fp32."""
-    cos, signed_sin, partner = rope_tables(positions, InvFreq, rotary_dim, attention_factor, BLOCK_D,
-                                           INTERLEAVED)
+def rope_rotate_pairs(x, cos, sin, TRANSPOSED: tl.constexpr):
+    """Rotate a paired-layout tile x (R, 2 * HALF_BLOCK) in registers: (a, b) -> (a c - b s, b c + a s).
+    TRANSPOSED applies the inverse rotation (angle -> -angle), mapping gradients w.r.t. rotated rows back."""
+    first, second = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2)))
     if TRANSPOSED:
-        signed_sin = -signed_sin
-    return rope_rotate(x.to(tl.float32), cos, signed_sin, partner)
+        sin = -sin
+    return tl.reshape(tl.join(first * cos - second * sin, second * cos + first * sin), x.shape)
