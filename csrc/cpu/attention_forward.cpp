@@ -46,14 +46,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
       for (int64_t n0 = intervals.lo; n0 < intervals.hi; n0 += block_n) {
         const int64_t cols = std::min(block_n, intervals.hi - n0);
-        const acc_t* k_ptr = k_tile.data();
-        int64_t ldk = D;
-        if (k_in_place) {
-          k_ptr = reinterpret_cast<const acc_t*>(kv.row(b, kv_h, n0));
-          ldk = kv.stride_n;
-        } else {
-          pack_rows(kv, b, kv_h, n0, cols, D, acc_t(1), rope ? &rope_k : nullptr, p.interleaved, k_tile.data());
-        }
+        const auto [k_ptr, ldk] = gemm_rows(kv, k_in_place, b, kv_h, n0, cols, D, rope ? &rope_k : nullptr,
+                                            p.interleaved, k_tile.data());
         gemm<acc_t>(false, true, rows, cols, D, acc_t(1), q_tile.data(), D, k_ptr, ldk, acc_t(0), scores.data(), cols);
 
         for (int64_t r = 0; r < rows; ++r) {
@@ -76,15 +70,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           }
         }
 
-        const acc_t* v_ptr = v_tile.data();
-        int64_t ldv = D;
-        if (v_in_place) {
-          v_ptr = reinterpret_cast<const acc_t*>(vv.row(b, kv_h, n0));
-          ldv = vv.stride_n;
-        } else {
-          pack_rows(vv, b, kv_h, n0, cols, D, acc_t(1), static_cast<const RopeTables<acc_t>*>(nullptr), false,
-                    v_tile.data());
-        }
+        const auto [v_ptr, ldv] = gemm_rows(vv, v_in_place, b, kv_h, n0, cols, D,
+                                            static_cast<const RopeTables<acc_t>*>(nullptr), false, v_tile.data());
         gemm<acc_t>(false, false, rows, D, cols, acc_t(1), scores.data(), cols, v_ptr, ldv, acc_t(1), acc.data(), D);
       }
 

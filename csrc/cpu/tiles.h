@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "fused_pos_attn/attention_params.h"
@@ -97,6 +98,18 @@ void pack_rows(const View4<const scalar_t>& src, int64_t b, int64_t h, int64_t n
     for (int64_t d = 0; d < head_dim; ++d) y[d] = static_cast<acc_t>(x[d * src.stride_d]) * mult;
     if (rope) rotate_row<false>(y, rope->cos_row(b, n0 + i), rope->sin_row(b, n0 + i), rope->rotary_dim, interleaved);
   }
+}
+
+// Rows [n0, n0 + rows) of head (b, h) as a row-major acc_t matrix for a GEMM: the tensor's own memory
+// when in_place (acc_t rows with unit stride and no rotation), else packed into tile. Returns the pointer
+// and its row stride.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> gemm_rows(const View4<const scalar_t>& src, bool in_place, int64_t b, int64_t h,
+                                           int64_t n0, int64_t rows, int64_t head_dim, const RopeTables<acc_t>* rope,
+                                           bool interleaved, acc_t* tile) {
+  if (in_place) return {reinterpret_cast<const acc_t*>(src.row(b, h, n0)), src.stride_n};
+  pack_rows(src, b, h, n0, rows, head_dim, acc_t(1), rope, interleaved, tile);
+  return {tile, head_dim};
 }
 
 // Write acc_t rows (row stride D) to rows [n0, n0 + rows) of head (b, h), times mult, rotated back
