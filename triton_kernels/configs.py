@@ -1,5 +1,9 @@
 """Launch configurations: autotune candidates for A100/H100-class GPUs, and one small config for the
-CPU interpreter. The static check (tests/test_static_gpu.py) compiles every candidate listed here."""
+CPU interpreter. The static check (tests/test_static_gpu.py) compiles every candidate listed here for
+sm_80 and sm_90; each list holds only shapes it found free of register spills for every scheme that
+uses the list (RoPE's rotation and partial-rotary tiles need more registers, so RoPE gets its own lists
+where the shared ones spill).
+"""
 import triton
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D values: head dims are padded up to one of these
@@ -14,44 +18,40 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# Every config below compiles for sm_80 and sm_90 without register spills and within shared memory for
-# pos none, alibi and rope (tests/test_static_gpu.py, table in bench/results/static_check.md), except
-# rope at BLOCK_D 256, which spills in every tile tried (the lists there are the spill-free ones for
-# none/alibi). The lists are shared by all schemes, so they are sized for RoPE, whose rotation of a
-# (rows, BLOCK_D) tile holds fp32 x, partner x, cos and sin in registers at once: 4 warps for 128-row
-# tiles, and most tiles at BLOCK_D >= 128, spill with it.
-
-
-def forward_configs(block_d: int) -> list:
+def forward_configs(block_d: int, rope: bool) -> list:
     """Forward: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
     if block_d <= 64:
-        shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
+        shapes = [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
     elif block_d <= 128:
-        shapes = [(64, 32, 8, 3), (64, 32, 8, 4), (64, 16, 8, 3)]
+        shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
+    elif rope:
+        shapes = [(32, 32, 8, 2), (32, 16, 4, 2)]
     else:
-        shapes = [(64, 32, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)]
+        shapes = [(64, 32, 8, 2), (64, 16, 8, 2)]
     return _configs(shapes)
 
 
-def backward_dkdv_configs(block_d: int) -> list:
+def backward_dkdv_configs(block_d: int, rope: bool) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
     if block_d <= 64:
-        shapes = [(64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 8, 3)]
+        shapes = [(64, 32, 8, 2)]
     elif block_d <= 128:
-        shapes = [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 8, 2)]
+        shapes = [(32, 64, 8, 2)]
+    elif rope:
+        shapes = [(16, 32, 8, 1), (32, 16, 8, 1)]
     else:
-        shapes = [(32, 64, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1)]
+        shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
 
 
-def backward_dq_configs(block_d: int) -> list:
+def backward_dq_configs(block_d: int, rope: bool) -> list:
     """dQ: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
     if block_d <= 64:
-        shapes = [(128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 4, 3)]
+        shapes = [(128, 32, 8, 3), (64, 32, 4, 3)]
     elif block_d <= 128:
-        shapes = [(64, 16, 8, 1), (32, 32, 8, 2), (32, 32, 8, 3)]
+        shapes = [(64, 64, 8, 2), (64, 32, 8, 2)]
     else:
-        shapes = [(64, 32, 8, 2), (32, 32, 8, 1), (32, 16, 8, 1)]
+        shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
 
 

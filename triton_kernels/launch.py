@@ -43,8 +43,8 @@ def _interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel, block_d: int):
-    return triton.autotune(configs=_CONFIG_LISTS[kernel](block_d), key=_TUNE_KEY)(kernel)
+def _autotuned(kernel, block_d: int, rope: bool):
+    return triton.autotune(configs=_CONFIG_LISTS[kernel](block_d, rope), key=_TUNE_KEY)(kernel)
 
 
 def _launch(kernel, grid_fn, args: list, meta: dict) -> None:
@@ -53,7 +53,7 @@ def _launch(kernel, grid_fn, args: list, meta: dict) -> None:
         cfg = INTERPRETER_CONFIG.kwargs
         kernel[grid_fn(cfg)](*args, **meta, **cfg)
     else:
-        _autotuned(kernel, meta["BLOCK_D"])[grid_fn](*args, **meta)
+        _autotuned(kernel, meta["BLOCK_D"], meta["POS"] == POS_ROPE.value)[grid_fn](*args, **meta)
 
 
 def _tile_widths(position: KernelPosition, head_dim: int) -> dict:
