@@ -29,11 +29,12 @@ class CheckResult:
 
 def kernel_backends(device: str) -> list[str]:
     """Kernel backends that can run on tensors of this device."""
+    backends = ["cpu"] if device == "cpu" else []
     try:
         import triton  # noqa: F401
     except ImportError:
-        return []
-    return ["triton"] if device == "cuda" or triton_interpreter_enabled() else []
+        return backends
+    return backends + (["triton"] if device == "cuda" or triton_interpreter_enabled() else [])
 
 
 def check_one(backend: str, pos, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[float, float]:

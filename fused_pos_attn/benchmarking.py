@@ -1,0 +1,470 @@
+"""Measurement utilities shared by bench/ and `python -m fused_pos_attn check`.
+
+Providers (each maps q, k, v (B, H, N, D) to out (B, H, N, D) for one position scheme):
+  fused:<backend>   `fused_attention(..., backend=<backend>)` for every kernel backend usable on the device.
+                    Where none is built this is `fused:reference`, the dense oracle: not a fused kernel.
+                    Triton counts on CUDA only (on CPU tensors it would run in the interpreter).
+  sdpa_dense_bias   what users do today: build the (B, H, N, N) ALiBi + causal bias, or rotate q and k with
+                    RoPE into new tensors, then call F.scaled_dot_product_attention.
+  sdpa_floor        SDPA with the same causal mask and no position: the cost of attention alone.
+  flex_attention    torch.compile'd flex_attention with an ALiBi score_mod and a causal block mask, where it
+                    compiles and runs on the device (skipped with the reason otherwise).
+
+Timing: median wall time of repeated calls after a warmup call (CUDA events on GPU, perf_counter on CPU).
+Modes: "fwd" (no autograd graph), "bwd" (the backward of a retained forward graph), "fwd+bwd".
+Peak memory is measured, never estimated: the extra bytes the timed calls allocate above what exists
+before them (inputs; for "bwd" also the forward graph). CUDA: max_memory_allocated. CPU: each
+(provider, position, N) runs in a fresh process whose peak RSS (VmHWM) is reset after the warmup.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .attention import fused_attention
+from .positions import NONE, ALiBi, RoPE, ResolvedPosition
+from .reference import absolute_positions, apply_rope, position_bias, visibility
+
+POSITIONS = ("alibi", "rope", "none")
+MODES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("fused", "sdpa_dense_bias", "sdpa_floor", "flex_attention")
+FLOOR = "sdpa_floor"
+REFERENCE_PROVIDER = "fused:reference"
+REFERENCE_NOTE = ("fused:reference is the dense oracle (reference.py, O(N^2) memory), not a fused kernel; it "
+                  "stands in for fused where no kernel backend is built")
+MIB = 1024 * 1024
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention call: q, k, v of shape (batch, heads, seq_len, head_dim), self-attention (Nq = Nk)."""
+
+    pos: str
+    seq_len: int
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    causal: bool = True
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Median time (ms) and extra peak memory (MiB) of one provider on one case and mode; NaN if skipped."""
+
+    provider: str
+    case: Case
+    mode: str
+    median_ms: float
+    peak_mib: float
+    skipped: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- providers
+
+def fused_backends(device: str) -> list[str]:
+    """Kernel backends fused_attention can run on `device`, or ["reference"] where none is built.
+
+    Triton on CPU tensors would only run under the interpreter, which is not a speed measurement.
+    """
+    probe = torch.zeros(1, 1, 1, 16, device=device)
+    usable = []
+    for name in ("triton", "cuda", "cpu"):
+        if name == "triton" and probe.device.type != "cuda":
+            continue
+        try:
+            backends.select(name, probe)
+        except (ValueError, TypeError, ImportError):
+            continue
+        usable.append(name)
+    return usable or ["reference"]
+
+
+def provider_names(device: str, include_flex: bool = True) -> list[str]:
+    """The providers to run on `device`, "fused" expanded to one "fused:<backend>" per usable backend."""
+    names = [f"fused:{b}" for b in fused_backends(device)] + ["sdpa_dense_bias", FLOOR]
+    return names + ["flex_attention"] if include_flex else names
+
+
+def _positions(case: Case) -> tuple[ResolvedPosition, torch.Tensor]:
+    """The resolved scheme of case.pos and the (B, N) absolute positions 0..N-1 of every row."""
+    scheme = {"alibi": ALiBi(), "rope": RoPE()}.get(case.pos)
+    position = (scheme.resolve(case.batch, case.heads, case.head_dim, case.seq_len, torch.device(case.device))
+                if scheme is not None else ResolvedPosition(NONE))
+    offsets = torch.zeros(case.batch, dtype=torch.int64, device=case.device)
+    return position, absolute_positions(offsets, case.seq_len)
+
+
+def _fused(backend: str, case: Case) -> AttentionFn:
+    return lambda q, k, v: fused_attention(q, k, v, pos=case.pos, causal=case.causal, backend=backend)
+
+
+def _sdpa_floor(case: Case) -> AttentionFn:
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+
+
+def _sdpa_dense_bias(case: Case) -> AttentionFn:
+    """ALiBi: a (B, H, N, N) float bias with the causal mask merged in, built on every call as models do.
+
+    RoPE: q and k rotated into new tensors, then causal SDPA. "none": plain causal SDPA.
+    """
+    position, pos_ids = _positions(case)
+    if case.pos == "alibi":
+        def alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            bias = position_bias(pos_ids, pos_ids, position, q.dtype)
+            if case.causal:
+                bias = bias.masked_fill(~visibility(pos_ids, pos_ids, True, None), float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return alibi
+    if case.pos == "rope":
+        return lambda q, k, v: F.scaled_dot_product_attention(
+            apply_rope(q, pos_ids, position), apply_rope(k, pos_ids, position), v, is_causal=case.causal)
+    return _sdpa_floor(case)
+
+
+def _alibi_score_mod(slopes: torch.Tensor) -> Callable:
+    """flex_attention score_mod adding -slopes[b, h] * |i - j| (slopes (B, H) fp32) to the scaled score."""
+    def score_mod(score, b, h, i, j):
+        return score - slopes[b, h] * (i - j).abs()
+    return score_mod
+
+
+def _flex_attention(case: Case) -> AttentionFn:
+    """Compiled flex_attention: ALiBi as score - slope_h * |i - j|, the causal mask as a block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if case.pos == "rope":
+        raise NotImplementedError("a score_mod cannot rotate q and k (RoPE)")
+    position, _ = _positions(case)
+    block_mask = None
+    if case.causal:
+        block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, case.seq_len, case.seq_len,
+                                       device=case.device)
+    score_mod = _alibi_score_mod(position.slopes.contiguous()) if case.pos == "alibi" else None
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def build_provider(name: str, case: Case) -> AttentionFn:
+    """The attention callable of provider `name` ("fused:<backend>" or one of PROVIDERS[1:]) for `case`."""
+    if name.startswith("fused:"):
+        return _fused(name.split(":", 1)[1], case)
+    builders = {"sdpa_dense_bias": _sdpa_dense_bias, FLOOR: _sdpa_floor, "flex_attention": _flex_attention}
+    if name not in builders:
+        raise ValueError(f"unknown provider {name!r}; expected fused:<backend> or one of {PROVIDERS[1:]}")
+    return builders[name](case)
+
+
+def is_optional(name: str) -> bool:
+    """Optional providers are skipped with their error as the reason; the others must run."""
+    return name == "flex_attention"
+
+
+# ---------------------------------------------------------------------------------------- timing, memory
+
+def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, N, D) and, when requires_grad, grad_out (B, H, N, D); standard normal, seeded."""
+    gen = torch.Generator(device=case.device).manual_seed(0)
+    shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    tensors = [torch.randn(shape, generator=gen, device=case.device, dtype=case.torch_dtype) for _ in range(3)]
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    if requires_grad:
+        tensors.append(torch.randn(shape, generator=gen, device=case.device, dtype=case.torch_dtype))
+    return tuple(tensors)
+
+
+def make_step(fn: AttentionFn, mode: str, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+    """The callable timed for `mode`. "bwd" runs one forward now and differentiates its retained graph."""
+    q, k, v = inputs[:3]
+    if mode == "fwd":
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(q, k, v)
+        return forward
+    grad_out = inputs[3]
+    if mode == "bwd":
+        out = fn(q, k, v)
+        return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _elapsed_ms(step: Callable[[], object], device: str) -> float:
+    """Wall time of one call of step, in ms (CUDA events on GPU)."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    step()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def _proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def fix_malloc_thresholds() -> None:
+    """Make glibc mmap every block >= 128 KiB and unmap it on free.
+
+    glibc otherwise raises its mmap threshold after large frees and keeps later blocks on the heap, where a
+    repeated call reuses them without raising RSS: peaks measured after a warmup would then read too low.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name)
+    if hasattr(libc, "mallopt"):
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+
+
+def start_peak_memory(device: str) -> Optional[int]:
+    """Reset the device's peak memory counter; returns the bytes live now (None where it cannot be reset).
+
+    CUDA: allocated bytes. CPU: resident set size, the peak (VmHWM) reset to it.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    if not reset_peak_rss():
+        return None
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_memory_since(device: str, base: Optional[int]) -> float:
+    """Peak bytes above `base` (from start_peak_memory) reached since that call; NaN without a base."""
+    if base is None:
+        return math.nan
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - base)
+    return float(_proc_status_kib("VmHWM") * 1024 - base)
+
+
+def time_step(step: Callable[[], object], device: str, min_time_s: float = 0.5, max_time_s: float = 10.0,
+              min_repeats: int = 3, max_repeats: int = 50) -> tuple[float, float]:
+    """(median ms, extra peak bytes) of step: one warmup call (compilation, autotuning, caches), then
+    repeated calls until min_repeats calls and min_time_s of measured time are done, or max_repeats calls
+    or max_time_s (at least one call).
+
+    Each call's result is dropped before the next starts, so the peak over the timed calls above what was
+    live before them is the peak of one call; warmup and compile work are not counted.
+    """
+    _elapsed_ms(step, device)
+    base = start_peak_memory(device)
+    times: list[float] = []
+    while not times or (len(times) < max_repeats and sum(times) < max_time_s * 1e3
+                        and (len(times) < min_repeats or sum(times) < min_time_s * 1e3)):
+        times.append(_elapsed_ms(step, device))
+    return statistics.median(times), peak_memory_since(device, base)
+
+
+def measure_case(provider: str, case: Case, modes: Sequence[str], min_time_s: float = 0.5) -> list[Measurement]:
+    """Time and peak memory of `provider` on `case` for each mode, in this process.
+
+    An optional provider that fails (not importable, not compilable, mode unsupported on the device) gives
+    skipped Measurements carrying the error; the other providers raise.
+    """
+    results = []
+    fn: Optional[AttentionFn] = None
+    for mode in modes:
+        try:
+            fn = fn or build_provider(provider, case)
+            ms, peak = _measure_mode(fn, case, mode, min_time_s)
+            results.append(Measurement(provider, case, mode, ms, peak / MIB))
+        except Exception as err:  # noqa: BLE001  optional providers report any failure as the skip reason
+            if not is_optional(provider):
+                raise
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            results.append(Measurement(provider, case, mode, math.nan, math.nan,
+                                       skipped=f"{type(err).__name__}: {first_line}"[:200]))
+    return results
+
+
+def _measure_mode(fn: AttentionFn, case: Case, mode: str, min_time_s: float) -> tuple[float, float]:
+    """(median ms, extra peak bytes) of fn in `mode`; its inputs and graph are freed on return."""
+    return time_step(make_step(fn, mode, make_inputs(case, requires_grad=mode != "fwd")), case.device, min_time_s)
+
+
+def _measure_case_child(conn: Connection, provider: str, case: Case, modes: Sequence[str], min_time_s: float) -> None:
+    """Entry point of the fresh process: measure, send the Measurements (or the error text) back."""
+    fix_malloc_thresholds()
+    try:
+        conn.send(measure_case(provider, case, modes, min_time_s))
+    except BaseException as err:  # noqa: BLE001  the parent re-raises it with the child's message
+        conn.send(f"{type(err).__name__}: {err}")
+    finally:
+        conn.close()
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    """forkserver (torch and this module imported once, then forked fresh per case) or spawn elsewhere."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def measure_case_subprocess(provider: str, case: Case, modes: Sequence[str],
+                            min_time_s: float = 0.5) -> list[Measurement]:
+    """measure_case in a fresh process, so that its peak RSS belongs to this provider and case alone."""
+    ctx = _process_context()
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure_case_child, args=(child, provider, case, tuple(modes), min_time_s))
+    proc.start()
+    child.close()
+    try:
+        payload = parent.recv()
+    except EOFError:
+        payload = None
+    proc.join()
+    if isinstance(payload, list):
+        return payload
+    raise RuntimeError(f"{provider} on {case} failed in its subprocess (exit code {proc.exitcode}): {payload}")
+
+
+# -------------------------------------------------------------------------------------------- the matrix
+
+def plan(providers: Sequence[str], positions: Sequence[str], seq_lens: Sequence[int], modes: Sequence[str],
+         max_train_seq_len: Optional[int], **case_fields) -> list[tuple[str, Case, tuple[str, ...]]]:
+    """(provider, case, modes) to run, N-major so that the providers compared in one table row are measured
+    close together in time. sdpa_floor ignores the position, so it runs once per N (as pos "none"), and
+    sdpa_dense_bias with pos "none" would be the floor again. Backward modes stop at max_train_seq_len.
+    """
+    jobs = []
+    for n in seq_lens:
+        run_modes = tuple(m for m in modes if m == "fwd" or max_train_seq_len is None or n <= max_train_seq_len)
+        for pos in positions:
+            for provider in providers:
+                if (provider == FLOOR and pos != positions[0]) or (provider == "sdpa_dense_bias" and pos == "none"):
+                    continue
+                case = Case(pos="none" if provider == FLOOR else pos, seq_len=n, **case_fields)
+                if run_modes:
+                    jobs.append((provider, case, run_modes))
+    return jobs
+
+
+def run_benchmarks(providers: Sequence[str], positions: Sequence[str], seq_lens: Sequence[int],
+                   modes: Sequence[str], max_train_seq_len: Optional[int] = None, min_time_s: float = 0.5,
+                   log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+                   **case_fields) -> list[Measurement]:
+    """Measure every planned job: in-process on CUDA, each job in a fresh process on CPU."""
+    results: list[Measurement] = []
+    for provider, case, run_modes in plan(providers, positions, seq_lens, modes, max_train_seq_len,
+                                          **case_fields):
+        on_cuda = torch.device(case.device).type == "cuda"
+        measure = measure_case if on_cuda else measure_case_subprocess
+        for m in measure(provider, case, run_modes, min_time_s):
+            state = f"skipped ({m.skipped})" if m.skipped else f"{m.median_ms:.3f} ms, {m.peak_mib:.1f} MiB"
+            log(f"{provider:>16} {case.pos:>5} {m.mode:>7} N={case.seq_len:<6} {state}")
+            results.append(m)
+    return results
+
+
+def floor_ms(results: Sequence[Measurement], mode: str, seq_len: int) -> float:
+    """Median ms of sdpa_floor for (mode, N), NaN if it was not measured."""
+    for m in results:
+        if m.provider == FLOOR and m.mode == mode and m.case.seq_len == seq_len:
+            return m.median_ms
+    return math.nan
+
+
+def _cell(m: Optional[Measurement], floor: float) -> str:
+    if m is None:
+        return "—"
+    if m.skipped:
+        return "skipped"
+    return f"{m.median_ms:.2f} ms · {m.median_ms / floor:.2f}x · {m.peak_mib:.1f} MiB"
+
+
+def markdown_table(results: Sequence[Measurement]) -> str:
+    """One row per (pos, mode, N), one column per provider: median ms · ratio to sdpa_floor · peak MiB.
+
+    The sdpa_floor column repeats the position-free floor in every position's rows. Skip reasons and the
+    fused:reference caveat follow the table.
+    """
+    providers = list(dict.fromkeys(m.provider for m in results))
+    index = {(m.provider, m.case.pos, m.mode, m.case.seq_len): m for m in results}
+    positions = [p for p in POSITIONS if any(m.case.pos == p for m in results if m.provider != FLOOR)]
+    modes = [md for md in MODES if any(m.mode == md for m in results)]
+    lines = ["| pos | mode | N | " + " | ".join(providers) + " |",
+             "|---|---|---:|" + "---:|" * len(providers)]
+    for pos in positions:
+        for mode in modes:
+            for n in sorted({m.case.seq_len for m in results if m.mode == mode}):
+                row = [index.get((p, "none" if p == FLOOR else pos, mode, n)) for p in providers]
+                if not any(r is not None and r.provider != FLOOR for r in row):
+                    continue
+                cells = [_cell(r, floor_ms(results, mode, n)) for r in row]
+                lines.append(f"| {pos} | {mode} | {n} | " + " | ".join(cells) + " |")
+    notes = ["", "Cells: median time · ratio to sdpa_floor (same mode and N) · extra peak memory of the call "
+             "(for bwd: above the retained forward graph)."]
+    if REFERENCE_PROVIDER in providers:
+        notes.append(f"Note: {REFERENCE_NOTE}.")
+    if "none" in positions and "sdpa_dense_bias" in providers:
+        notes.append("sdpa_dense_bias with pos=none would be sdpa_floor itself (—).")
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for m in results:
+        if m.skipped:
+            where = skipped.setdefault((m.provider, m.skipped), [])
+            if f"{m.case.pos} {m.mode}" not in where:
+                where.append(f"{m.case.pos} {m.mode}")
+    notes += [f"Skipped {provider} ({', '.join(where)}): {reason}"
+              for (provider, reason), where in skipped.items()]
+    return "\n".join(lines + notes) + "\n"
+
+
+def quick_table(device: str) -> str:
+    """A small table for `python -m fused_pos_attn check`: forward, B=1, H=8, D=64, causal, N in {256, 1024},
+    ALiBi and RoPE, fp32 on CPU / fp16 on CUDA. flex_attention is left out: its compile time per shape would
+    dominate a quick check. Takes a few seconds per provider and N.
+    """
+    dtype = "float16" if torch.device(device).type == "cuda" else "float32"
+    results = run_benchmarks(provider_names(device, include_flex=False), ("alibi", "rope"), (256, 1024),
+                             ("fwd",), min_time_s=0.2, log=lambda msg: None, device=device, dtype=dtype)
+    return markdown_table(results)
