@@ -250,7 +250,8 @@ def _run(jobs: list) -> list:
     order = sorted(jobs, key=lambda j: -(j["block_d"] * (j["block_m"] + (j["block_n"] or 0)) * (1 + (j["pos"] == 2))))
     saved = os.environ.pop("TRITON_INTERPRET", None)  # inherited by the spawned workers
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn,
                                                     initializer=_init_worker) as pool:
             return list(pool.map(_compile_one, order))
     finally:
