@@ -22,26 +22,29 @@ What is measured, and from where:
 A spill is any nonzero spill store or load; the register ceiling is 255 per thread (and the block's
 registers must fit the 64K register file).
 
-Coverage. One cold compile takes 1-6 s on the 2-core dev machine (rope the slowest); the default matrix
-(98 compiles, about 140 s on an idle machine) keeps `make static-check` well under 5 minutes:
-- default: every config of the three attention kernels (and the preprocess kernel) x HEAD_DIM = BLOCK_D
-  in 64/128/256 x pos none/alibi/rope (full rotary) x sm_80/sm_90, fp16.
-- STATIC_CHECK_FULL=1: adds HEAD_DIM 32 and 80 (non-power-of-two, padded to BLOCK_D 128), partial rotary
-  (rotary_dim = D / 2: pass-through tile and second dot) and bf16 for the forward. Run it after changing
-  a kernel or a config list (not yet run to completion since the paired-layout RoPE kernels landed).
+Coverage. One cold compile takes 1-6 s on the 2-core dev machine (rope the slowest; a config that spills
+can take minutes in ptxas); the default matrix keeps `make static-check` well under 5 minutes:
+- default (116 compiles, about 120 s on an idle machine): every config of the three attention
+  kernels (and the preprocess kernel) x HEAD_DIM = BLOCK_D in 64/128/256 x pos none / alibi / rope with
+  full rotary / rope with partial rotary (rotary_dim = D / 2: pass-through tile and second dot) x
+  sm_80/sm_90, fp16.
+- STATIC_CHECK_FULL=1 (366 compiles, about 500 s): adds HEAD_DIM 32 and 80 (non-power-of-two,
+  padded to BLOCK_D 128) and bf16 for the forward; writes bench/results/static_check_full.md. Run it
+  after changing a kernel or a config list. So far bf16 and HEAD_DIM 80 have matched fp16 and HEAD_DIM
+  128 config for config.
 Always CAUSAL=True, HAS_WINDOW=False, INTERLEAVED=False (rope), DOT_PRECISION "tf32" (fp16/bf16).
 
 tests/conftest.py sets TRITON_INTERPRET=1 without CUDA, under which @triton.jit yields interpreter
 functions that triton.compile cannot take; the compiles therefore run in spawned worker processes whose
 environment has TRITON_INTERPRET removed before the kernels are imported. Workers: STATIC_CHECK_JOBS,
 default the CPU count. The table is printed (run pytest with -s) and written to
-bench/results/static_check.md.
+bench/results/static_check.md (static_check_full.md for the full matrix).
 """
-import concurrent.futures
 import contextlib
 import datetime
 import io
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import subprocess
@@ -238,23 +241,70 @@ def _full_matrix() -> list:
 
 
 def _default_matrix() -> list:
-    """fp16, HEAD_DIM = BLOCK_D in 64/128/256, none/alibi/full-width rope, both archs."""
-    return _jobs((64, 128, 256), (NONE, ALIBI, ROPE), lambda kernel: ("fp16",))
+    """fp16, HEAD_DIM = BLOCK_D in 64/128/256, none/alibi/full and half rotary rope, both archs."""
+    return _jobs((64, 128, 256), (NONE, ALIBI, ROPE, ROPE_HALF), lambda kernel: ("fp16",))
+
+
+def _worker_loop(conn) -> None:
+    """A compile worker: takes jobs from conn until it gets None, sends back one result per job."""
+    _init_worker()
+    while (job := conn.recv()) is not None:
+        conn.send(_compile_one(job))
 
 
 def _run(jobs: list) -> list:
-    workers = int(os.environ.get("STATIC_CHECK_JOBS", os.cpu_count() or 2))
+    """Compile jobs on STATIC_CHECK_JOBS spawned workers. A worker that dies mid-compile (a crash in the
+    compiler, or a kill) costs only its job: that job is retried once on a fresh worker, then reported."""
+    context = multiprocessing.get_context("spawn")
     # Biggest tiles first so the slowest compiles do not end up alone at the tail.
-    order = sorted(jobs, key=lambda j: -(j["block_d"] * (j["block_m"] + (j["block_n"] or 0)) * (1 + (j["pos"] == 2))))
+    todo = sorted(jobs, key=lambda j: -(j["block_d"] * (j["block_m"] + (j["block_n"] or 0)) * (1 + (j["pos"] == 2))))
+    todo = [(job, 0) for job in todo]  # (job, times its worker died on it)
+    results, idle, busy = [], [], {}
+
+    def start_worker():
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=_worker_loop, args=(child_conn,), daemon=True)
+        process.start()
+        child_conn.close()
+        return conn, process
+
     saved = os.environ.pop("TRITON_INTERPRET", None)  # inherited by the spawned workers
+    finished = False
     try:
-        spawn = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn,
-                                                    initializer=_init_worker) as pool:
-            return list(pool.map(_compile_one, order))
+        workers = int(os.environ.get("STATIC_CHECK_JOBS", os.cpu_count() or 2))
+        idle = [start_worker() for _ in range(max(1, min(workers, len(todo))))]
+        while todo or busy:
+            while idle and todo:
+                (conn, process), (job, deaths) = idle.pop(), todo.pop(0)
+                conn.send(job)
+                busy[conn] = (process, job, deaths)
+            for conn in multiprocessing.connection.wait(list(busy)):
+                process, job, deaths = busy.pop(conn)
+                try:
+                    results.append(conn.recv())
+                    idle.append((conn, process))
+                    continue
+                except (EOFError, OSError):
+                    process.join()
+                if deaths == 0:
+                    todo.insert(0, (job, 1))
+                else:
+                    results.append(dict(job, seconds=0.0, error=f"compile worker died twice on this config "
+                                                                f"(exit code {process.exitcode})"))
+                idle.append(start_worker())
+        for conn, _ in idle:
+            conn.send(None)
+        finished = True
     finally:
+        for process in [process for _, process in idle] + [process for process, _, _ in busy.values()]:
+            if finished:
+                process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
+    return results
 
 
 def _offences(r: dict) -> list:
@@ -284,8 +334,10 @@ def _table(results: list) -> str:
     lines = ["| kernel | dtype | HEAD_DIM | BLOCK_D | pos | arch | config | regs | spill st/ld B | stack B "
              "| shared B | compile s | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda r: (list(KERNELS).index(r["kernel"]), r["dtype"], r["block_d"], r["head_dim"], r["pos"] or 0,  # noqa: E731
-                     -(r["rotary_dim"] or 0), r["arch"], -r["block_m"], -(r["block_n"] or 0), -r["num_warps"])
+    def key(r):
+        return (list(KERNELS).index(r["kernel"]), r["dtype"], r["block_d"], r["head_dim"], r["pos"] or 0,
+                -(r["rotary_dim"] or 0), r["arch"], -r["block_m"], -(r["block_n"] or 0), -r["num_warps"])
+
     for r in sorted(results, key=key):
         status = "; ".join(_offences(r)) or "ok"
         if "error" in r:

@@ -25,7 +25,7 @@ def forward_configs(block_d: int, rope: bool) -> list:
     elif block_d <= 128:
         shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
     elif rope:
-        shapes = [(32, 32, 8, 2), (32, 16, 4, 2)]
+        shapes = [(32, 32, 8, 2), (32, 32, 8, 3)]
     else:
         shapes = [(64, 32, 8, 2), (64, 16, 8, 2)]
     return _configs(shapes)
@@ -34,11 +34,11 @@ def forward_configs(block_d: int, rope: bool) -> list:
 def backward_dkdv_configs(block_d: int, rope: bool) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
     if block_d <= 64:
-        shapes = [(64, 32, 8, 2)]
+        shapes = [(64, 16, 8, 3)]
     elif block_d <= 128:
-        shapes = [(32, 64, 8, 2)]
+        shapes = [(32, 32, 8, 2), (16, 32, 8, 2)]
     elif rope:
-        shapes = [(16, 32, 8, 1), (32, 16, 8, 1)]
+        shapes = [(16, 32, 8, 1), (16, 32, 8, 2)]
     else:
         shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
@@ -47,9 +47,9 @@ def backward_dkdv_configs(block_d: int, rope: bool) -> list:
 def backward_dq_configs(block_d: int, rope: bool) -> list:
     """dQ: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
     if block_d <= 64:
-        shapes = [(128, 32, 8, 3), (64, 32, 4, 3)]
+        shapes = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
     elif block_d <= 128:
-        shapes = [(64, 64, 8, 2), (64, 32, 8, 2)]
+        shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2)]
     else:
         shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
