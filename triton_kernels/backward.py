@@ -1,11 +1,14 @@
 """Attention backward, FlashAttention-2 style: preprocess (delta = rowsum(dO * O)), then dK/dV with a
 program per key block, then dQ with a program per query block. Scores are recomputed from q, k and the
-saved LSE; with RoPE the kernels work on rotated tiles and rotate dq, dk back (transposed rotation)."""
+saved LSE; with RoPE the kernels work on rotated tiles and rotate dq, dk back (transposed rotation). The
+relative bias table's gradient is accumulated by the dK/dV kernel with fp32 atomics (so its summation
+order, unlike dq / dk / dv, is not deterministic on a GPU)."""
 import triton
 import triton.language as tl
 
 from .forward import key_block_range
-from .position import LOG2E, POS_ALIBI, alibi_bias_log2, alibi_slope_log2, relative_positions, visible_mask
+from .position import (LOG2E, POS_ALIBI, POS_RELATIVE, alibi_slope_log2, position_bias_log2, relative_bias_index,
+                       relative_positions, visible_mask)
 from .tiles import load_qk_tiles, load_tile, qk_dot, store_qk_grad
 
 
@@ -27,16 +30,14 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, stride_ob, stride_oh, stride_o
 
 
 @triton.jit
-def _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, q_pos_start, k_pos_start, offs_n, seq_len_k,
-                 qk_scale_log2, slope_log2, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_PASS: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Recomputed probabilities P (BLOCK_M, BLOCK_N) fp32 of a tile from (main, pass) q, k tiles and the row
-    LSE (log2 domain; +inf for rows to skip, so their P is 0)."""
+def _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, rel, offs_n, seq_len_k, qk_scale_log2, slope_log2,
+                 RelBias, max_distance, window, HAS_PASS: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recomputed probabilities P (BLOCK_M, BLOCK_N) fp32 of a tile from (main, pass) q, k tiles, its
+    relative positions rel and the row LSE (log2 domain; +inf for rows to skip, so their P is 0)."""
     s = qk_dot(q_main, q_pass, k_main, k_pass, HAS_PASS, DOT_PRECISION) * qk_scale_log2
-    rel = relative_positions(q_pos_start, k_pos_start, BLOCK_M, BLOCK_N)
-    if POS == POS_ALIBI:
-        s += alibi_bias_log2(rel, slope_log2)
+    if POS == POS_ALIBI or POS == POS_RELATIVE:
+        s += position_bias_log2(rel, slope_log2, RelBias, max_distance, POS)
     s = tl.where(visible_mask(rel, offs_n, seq_len_k, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
     return tl.math.exp2(s - lse_log2[:, None])
 
@@ -52,23 +53,24 @@ def _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q):
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, Slopes, InvFreq,
+def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, Slopes, InvFreq, RelBias, DRelBias,
                           stride_qb, stride_qh, stride_qn, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
                           stride_dob, stride_doh, stride_don, stride_dod,
                           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                          stride_sb, stride_sh,
+                          stride_sb, stride_sh, stride_rh,
                           num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
-                          len_bucket_q, len_bucket_k,
+                          max_distance, len_bucket_q, len_bucket_k,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
                           PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr,
                           POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                           INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """dK, dV (B, Hkv, Nk, D) for one key block of one kv head, summed over its query-head group
-    (so no atomics). Query blocks that cannot see this key block are skipped."""
+    (so no atomics), and for POS_RELATIVE the tile's share of DRelBias (Hq, 2, max_distance + 1) fp32
+    (atomics). Query blocks that cannot see this key block are skipped."""
     start_n = tl.program_id(0) * BLOCK_N
     batch_head = tl.program_id(1)
     num_kv_heads = num_heads // num_kv_groups
@@ -115,12 +117,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
                                            POS, INTERLEAVED)
             do = load_tile(DOh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
             lse_log2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q)
-            p = _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, q_off + start_m, k_off + start_n, offs_n,
-                             seq_len_k, qk_scale_log2, slope_log2, window, BLOCK_M, BLOCK_N, HAS_PASS, POS, CAUSAL,
+            rel = relative_positions(q_off + start_m, k_off + start_n, BLOCK_M, BLOCK_N)
+            p = _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, rel, offs_n, seq_len_k, qk_scale_log2,
+                             slope_log2, RelBias + h * stride_rh, max_distance, window, HAS_PASS, POS, CAUSAL,
                              HAS_WINDOW, DOT_PRECISION)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds_t = tl.trans((p * (dp - delta[:, None])).to(q_main.dtype))  # dL/dscore^T (natural-log domain)
+            ds = p * (dp - delta[:, None])  # dL/dscore (natural-log domain), 0 where P is 0
+            if POS == POS_RELATIVE:
+                tl.atomic_add(DRelBias + h * stride_rh + relative_bias_index(rel, max_distance), ds,
+                              mask=(offs_m < seq_len_q)[:, None] & (offs_n < seq_len_k)[None, :])
+            ds_t = tl.trans(ds.to(q_main.dtype))
             dk_main = tl.dot(ds_t, q_main, dk_main, input_precision=DOT_PRECISION)
             if HAS_PASS:
                 dk_pass = tl.dot(ds_t, q_pass, dk_pass, input_precision=DOT_PRECISION)
@@ -133,15 +140,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes, InvFreq,
+def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes, InvFreq, RelBias,
                         stride_qb, stride_qh, stride_qn, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_dob, stride_doh, stride_don, stride_dod,
                         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                        stride_sb, stride_sh,
+                        stride_sb, stride_sh, stride_rh,
                         num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
-                        len_bucket_q, len_bucket_k,
+                        max_distance, len_bucket_q, len_bucket_k,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
                         PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr,
                         POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -165,6 +172,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
     do = load_tile(DOut + b * stride_dob + h * stride_doh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
     lse_log2, delta = _load_row_stats(Lse, Delta, (b * num_heads + h) * seq_len_q, offs_m, seq_len_q)
     slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
+    RelBias += h * stride_rh
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
 
@@ -179,9 +187,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, DQ, Lse, Delta, QOffset, KOffset, Slopes,
                                        attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS,
                                        INTERLEAVED)
         v = load_tile(V, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
-        p = _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, q_off + start_m, k_off + start_n, offs_n,
-                         seq_len_k, qk_scale_log2, slope_log2, window, BLOCK_M, BLOCK_N, HAS_PASS, POS, CAUSAL,
-                         HAS_WINDOW, DOT_PRECISION)
+        rel = relative_positions(q_off + start_m, k_off + start_n, BLOCK_M, BLOCK_N)
+        p = _score_probs(q_main, q_pass, k_main, k_pass, lse_log2, rel, offs_n, seq_len_k, qk_scale_log2, slope_log2,
+                         RelBias, max_distance, window, HAS_PASS, POS, CAUSAL, HAS_WINDOW, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(k_main.dtype)
         dq_main = tl.dot(ds, k_main, dq_main, input_precision=DOT_PRECISION)

@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from .position import LN2, LOG2E, POS_ALIBI, alibi_bias_log2, alibi_slope_log2, relative_positions, visible_mask
+from .position import (LN2, LOG2E, POS_ALIBI, POS_RELATIVE, alibi_slope_log2, position_bias_log2, relative_positions,
+                       visible_mask)
 from .tiles import load_qk_tiles, load_tile, qk_dot
 
 
@@ -24,9 +25,9 @@ def key_block_range(q_start, q_end, delta, seq_len_k, window, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn, stride_vd,
-                    q_pos_start, k_off, seq_len_k, lo, hi, qk_scale_log2, slope_log2, window, attention_factor,
-                    offs_d, mask_d,
+def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd, stride_vn,
+                    stride_vd, q_pos_start, k_off, seq_len_k, lo, hi, qk_scale_log2, slope_log2, max_distance, window,
+                    attention_factor, offs_d, mask_d,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     MAIN_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr,
                     ROTARY_DIM: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -39,10 +40,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, str
                                        attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM,
                                        POS, INTERLEAVED)
         s = qk_dot(q_main, q_pass, k_main, k_pass, HAS_PASS, DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
-        if POS == POS_ALIBI or MASKED:
+        if POS == POS_ALIBI or POS == POS_RELATIVE or MASKED:
             rel = relative_positions(q_pos_start, k_off + start_n, BLOCK_M, BLOCK_N)
-            if POS == POS_ALIBI:
-                s += alibi_bias_log2(rel, slope_log2)
+            if POS == POS_ALIBI or POS == POS_RELATIVE:
+                s += position_bias_log2(rel, slope_log2, RelBias, max_distance, POS)
             if MASKED:
                 s = tl.where(visible_mask(rel, offs_n, seq_len_k, window, CAUSAL, HAS_WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -58,19 +59,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, str
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
+def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBias,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
-                     stride_sb, stride_sh,
+                     stride_sb, stride_sh, stride_rh,
                      num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
-                     len_bucket_q, len_bucket_k,
+                     max_distance, len_bucket_q, len_bucket_k,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
                      PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr, POS: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out (B, Hq, Nq, D) and Lse (B, Hq, Nq) fp32, natural log. len_bucket_* only key the autotuner."""
+    """Out (B, Hq, Nq, D) and Lse (B, Hq, Nq) fp32, natural log. RelBias (Hq, 2, max_distance + 1) fp32 is read
+    for POS_RELATIVE only. len_bucket_* only key the autotuner."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
@@ -87,6 +89,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
                                    q_off + offs_m, InvFreq, attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK,
                                    HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
+    RelBias += h * stride_rh
     K += b * stride_kb + kv_h * stride_kh
     V += b * stride_vb + kv_h * stride_vh
 
@@ -109,21 +112,22 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale_log2 = sm_scale * LOG2E
     q_pos_start = q_off + start_m
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, q_pos_start, k_off, seq_len_k, lo, full_lo, qk_scale_log2, slope_log2,
-                                    window, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK,
-                                    PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True,
-                                    DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, q_pos_start, k_off, seq_len_k, full_lo, full_hi, qk_scale_log2,
-                                    slope_log2, window, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL, HAS_WINDOW,
-                                    INTERLEAVED, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, stride_kn, stride_kd, stride_vn,
-                                    stride_vd, q_pos_start, k_off, seq_len_k, full_hi, hi, qk_scale_log2, slope_log2,
-                                    window, attention_factor, offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK,
-                                    PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True,
-                                    DOT_PRECISION)
+    # Masked edge, unmasked interior, masked edge.
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, lo, full_lo, qk_scale_log2,
+                                    slope_log2, max_distance, window, attention_factor, offs_d, mask_d, BLOCK_M,
+                                    BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL,
+                                    HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, full_lo, full_hi,
+                                    qk_scale_log2, slope_log2, max_distance, window, attention_factor, offs_d, mask_d,
+                                    BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS,
+                                    CAUSAL, HAS_WINDOW, INTERLEAVED, False, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, full_hi, hi, qk_scale_log2,
+                                    slope_log2, max_distance, window, attention_factor, offs_d, mask_d, BLOCK_M,
+                                    BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL,
+                                    HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
 
     # Rows with no visible key: out = 0, lse = -inf.
     empty = l_i == 0.0

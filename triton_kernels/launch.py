@@ -14,9 +14,10 @@ from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_prep
 from .configs import (INTERPRETER_CONFIG, backward_dkdv_configs, backward_dq_configs, block_d_for,
                       forward_configs)
 from .forward import _attn_fwd_kernel
-from .position import POS_ALIBI, POS_NONE, POS_ROPE
+from .position import POS_ALIBI, POS_NONE, POS_RELATIVE, POS_ROPE
 
-POS_CODES = {"none": POS_NONE.value, "alibi": POS_ALIBI.value, "rope": POS_ROPE.value}
+POS_CODES = {"none": POS_NONE.value, "alibi": POS_ALIBI.value, "rope": POS_ROPE.value,
+             "relative": POS_RELATIVE.value}
 _TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION",
              "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
@@ -27,7 +28,8 @@ _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backw
 class KernelPosition:
     """Position parameters as the kernels take them.
 
-    kind: "none" | "alibi" | "rope". slopes: (B, Hq) fp32 or None. inv_freq: (rotary_dim/2,) fp32 or None.
+    kind: "none" | "alibi" | "rope" | "relative". slopes: (B, Hq) fp32 or None. inv_freq: (rotary_dim/2,)
+    fp32 or None. rel_bias: (Hq, 2, max_distance + 1) contiguous fp32 bias by signed distance, or None.
     """
 
     kind: str
@@ -36,6 +38,8 @@ class KernelPosition:
     rotary_dim: int
     interleaved: bool
     attention_factor: float
+    rel_bias: Optional[torch.Tensor] = None
+    max_distance: int = 0
 
 
 def _interpreting() -> bool:
@@ -74,12 +78,14 @@ def _common(q: torch.Tensor, k: torch.Tensor, position: KernelPosition, scale: f
     placeholder = torch.zeros(1, dtype=torch.float32, device=q.device)
     slopes = position.slopes if position.slopes is not None else placeholder.expand(batch, num_heads)
     inv_freq = position.inv_freq if position.inv_freq is not None else placeholder
+    rel_bias = position.rel_bias if position.rel_bias is not None else placeholder.expand(num_heads, 2, 1)
     scalars = [num_heads, num_heads // k.shape[1], seq_q, seq_k, float(scale), int(window or 0),
-               float(position.attention_factor), triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k)]
+               float(position.attention_factor), int(position.max_distance), triton.next_power_of_2(seq_q),
+               triton.next_power_of_2(seq_k)]
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), **_tile_widths(position, head_dim),
                 POS=POS_CODES[position.kind], CAUSAL=causal, HAS_WINDOW=window is not None,
                 INTERLEAVED=position.interleaved, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    return slopes, inv_freq, scalars, meta
+    return slopes, inv_freq, rel_bias, scalars, meta
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor,
@@ -89,9 +95,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offse
     batch, num_heads, seq_q, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads, seq_q), dtype=torch.float32, device=q.device)
-    slopes, inv_freq, scalars, meta = _common(q, k, position, scale, causal, window)
-    args = [q, k, v, out, lse, q_offset, k_offset, slopes, inv_freq, *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), *slopes.stride(), *scalars]
+    slopes, inv_freq, rel_bias, scalars, meta = _common(q, k, position, scale, causal, window)
+    args = [q, k, v, out, lse, q_offset, k_offset, slopes, inv_freq, rel_bias, *q.stride(), *k.stride(),
+            *v.stride(), *out.stride(), *slopes.stride(), rel_bias.stride(0), *scalars]
     _launch(_attn_fwd_kernel, lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * num_heads), args, meta)
     return out, lse
 
@@ -99,11 +105,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offse
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, q_offset: torch.Tensor, k_offset: torch.Tensor,
                        position: KernelPosition, scale: float, causal: bool,
-                       window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients dq (like q), dk, dv (like k, v) of attention_forward's output."""
+                       window: Optional[int]) -> tuple:
+    """Gradients dq (like q), dk, dv (like k, v) of attention_forward's output, and d_rel_bias (like
+    position.rel_bias, fp32) for the relative scheme, else None."""
     batch, num_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    slopes, inv_freq, scalars, meta = _common(q, k, position, scale, causal, window)
+    slopes, inv_freq, rel_bias, scalars, meta = _common(q, k, position, scale, causal, window)
     delta = torch.empty_like(lse)
     preprocess_rows = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(seq_q, preprocess_rows), batch * num_heads)](
@@ -111,12 +118,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=preprocess_rows)
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_rel_bias = torch.zeros_like(rel_bias)  # accumulated with atomics by the dK/dV kernel
     shared = [q, k, v, grad_out]
     strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
     _launch(_attn_bwd_dkdv_kernel, lambda cfg: (triton.cdiv(seq_k, cfg["BLOCK_N"]), batch * num_kv_heads),
-            [*shared, dk, dv, lse, delta, q_offset, k_offset, slopes, inv_freq, *strides, *dk.stride(),
-             *dv.stride(), *slopes.stride(), *scalars], meta)
+            [*shared, dk, dv, lse, delta, q_offset, k_offset, slopes, inv_freq, rel_bias, d_rel_bias, *strides,
+             *dk.stride(), *dv.stride(), *slopes.stride(), rel_bias.stride(0), *scalars], meta)
     _launch(_attn_bwd_dq_kernel, lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * num_heads),
-            [*shared, dq, lse, delta, q_offset, k_offset, slopes, inv_freq, *strides, *dq.stride(),
-             *slopes.stride(), *scalars], meta)
-    return dq, dk, dv
+            [*shared, dq, lse, delta, q_offset, k_offset, slopes, inv_freq, rel_bias, *strides, *dq.stride(),
+             *slopes.stride(), rel_bias.stride(0), *scalars], meta)
+    return dq, dk, dv, (d_rel_bias if position.kind == "relative" else None)

@@ -1,7 +1,8 @@
 """Position math inside Triton kernels (mirrors csrc/include/fused_pos_attn/position.h).
 
 Conventions (../shared/POSITIONS.md): scores live in the log2 domain inside the kernels, so ALiBi slopes
-arrive pre-multiplied by log2(e). `rel` is always pq(i) - pk(j) for a (BLOCK_M, BLOCK_N) tile.
+arrive pre-multiplied by log2(e) and relative biases are multiplied by it when loaded. `rel` is always
+pq(i) - pk(j) for a (BLOCK_M, BLOCK_N) tile.
 """
 import triton
 import triton.language as tl
@@ -10,6 +11,7 @@ import triton.language as tl
 POS_NONE = tl.constexpr(0)
 POS_ALIBI = tl.constexpr(1)
 POS_ROPE = tl.constexpr(2)
+POS_RELATIVE = tl.constexpr(3)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -50,6 +52,23 @@ def alibi_slope_log2(SlopePtr, POS: tl.constexpr):
 def alibi_bias_log2(rel, slope_log2):
     """ALiBi bias -m * |pq - pk| in the log2 domain (slope_log2 = m * log2(e))."""
     return -slope_log2 * tl.abs(rel).to(tl.float32)
+
+
+@triton.jit
+def relative_bias_index(rel, max_distance):
+    """Index into one head's (2, max_distance + 1) relative bias table (position.h relative_bias_index):
+    row 0 for keys at or before the query (rel >= 0), row 1 after it, column min(|rel|, max_distance)."""
+    return tl.where(rel < 0, max_distance + 1, 0) + tl.minimum(tl.abs(rel), max_distance)
+
+
+@triton.jit
+def position_bias_log2(rel, slope_log2, RelBias, max_distance, POS: tl.constexpr):
+    """Additive score bias of a tile in the log2 domain: ALiBi from the slope, relative from the head's
+    table RelBias (2, max_distance + 1); 0 for the other schemes."""
+    if POS == POS_ALIBI:
+        return alibi_bias_log2(rel, slope_log2)
+    else:
+        return tl.load(RelBias + relative_bias_index(rel, max_distance)) * LOG2E
 
 
 @triton.jit

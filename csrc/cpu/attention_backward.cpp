@@ -1,6 +1,7 @@
 // CPU attention backward (FlashAttention-2): one task per (batch, kv head) owns that head's dK / dV
 // (accumulated over its query-head group, so no atomics and a deterministic result) and the dQ of
-// every query head of the group. Scores are recomputed from q, k and the saved LSE.
+// every query head of the group. Scores are recomputed from q, k and the saved LSE. The relative bias
+// table's gradient is summed per (batch, head) in a fixed order, then over the batch: deterministic.
 #include "cpu_kernels.h"
 #include "gemm.h"
 #include "tiles.h"
@@ -11,11 +12,14 @@ namespace {
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                   const AttentionParams& p) {
+                   at::Tensor& d_rel_bias, const AttentionParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = p.head_dim;
   const int64_t block_m = std::min(kBlockM, p.seq_q), block_n = std::min(kBlockN, p.seq_k);
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
+  const bool relative = p.pos == PosKind::kRelative;
+  // (B, Hq, 2 * (max_distance + 1)) per-batch partial sums of the relative table's gradient.
+  std::vector<acc_t> d_rel_partial(relative ? p.batch * p.heads_q * p.rel_bias_stride_h() : 0, acc_t(0));
   RopeTables<acc_t> rope_q, rope_k;
   if (rope) {
     rope_q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
@@ -77,7 +81,9 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                 std::fill(s, s + cols, acc_t(0));
                 continue;
               }
-              if (alibi) add_alibi_bias(s, lo, hi, slope, p.q_offset[b] + i0 + r - (p.k_offset[b] + n0));
+              const int64_t rel0 = p.q_offset[b] + i0 + r - (p.k_offset[b] + n0);
+              if (alibi) add_alibi_bias(s, lo, hi, slope, rel0);
+              if (relative) add_relative_bias(s, lo, hi, p.rel_bias + h * p.rel_bias_stride_h(), p.max_distance, rel0);
               exp_row(s, cols, lo, hi, row_lse[r]);
             }
             acc_t* dv_rows = dv_acc.data() + n0 * D;
@@ -91,6 +97,12 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
               const acc_t* dp = dprobs.data() + r * cols;
               at::vec::map2<acc_t>([d = Vec<acc_t>(delta[r])](Vec<acc_t> pr, Vec<acc_t> g) { return pr * (g - d); },
                                    ds, ds, dp, cols);
+              if (relative) {
+                const int64_t lo = std::clamp(intervals.rows[r].first - n0, int64_t{0}, cols);
+                const int64_t hi = std::clamp(intervals.rows[r].last - n0, int64_t{0}, cols);
+                accumulate_relative_grad(ds, lo, hi, d_rel_partial.data() + (b * p.heads_q + h) * p.rel_bias_stride_h(),
+                                         p.max_distance, p.q_offset[b] + i0 + r - (p.k_offset[b] + n0));
+              }
             }
             gemm<acc_t>(false, false, rows, D, cols, acc_t(1), probs.data(), cols, k_tile.data(), D, acc_t(1),
                         dq_acc.data(), D);  // dQ' += dS K'
@@ -104,18 +116,32 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       store_rows(dv_acc.data(), p.seq_k, D, acc_t(1), no_rope, false, dvv, b, kv_h, 0);
     }
   });
+  if (relative) {
+    float* d_rel = d_rel_bias.data_ptr<float>();
+    const int64_t per_batch = p.heads_q * p.rel_bias_stride_h();
+    for (int64_t idx = 0; idx < per_batch; ++idx) {
+      acc_t sum = 0;
+      for (int64_t b = 0; b < p.batch; ++b) sum += d_rel_partial[b * per_batch + idx];
+      d_rel[idx] = static_cast<float>(sum);
+    }
+  }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   const AttentionParams& p) {
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_backward_cpu",
-                                  [&] { backward_impl<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, p); });
-  return {dq, dk, dv};
+  // (Hq, 2, max_distance + 1) fp32 for pos = relative, else empty.
+  auto d_rel_bias = p.pos == PosKind::kRelative
+                        ? at::empty({p.heads_q, 2, p.max_distance + 1}, q.options().dtype(at::kFloat))
+                        : at::empty({0}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_backward_cpu", [&] {
+    backward_impl<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, d_rel_bias, p);
+  });
+  return {dq, dk, dv, d_rel_bias};
 }
 
 }  // namespace fused_pos_attn::cpu

@@ -15,6 +15,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t block_m = std::min(kBlockM, p.seq_q), block_n = std::min(kBlockN, p.seq_k);
   const int64_t num_q_blocks = (p.seq_q + block_m - 1) / block_m;
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
+  const bool relative = p.pos == PosKind::kRelative;
   RopeTables<acc_t> rope_q, rope_k;
   if (rope) {
     rope_q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
@@ -58,7 +59,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             std::fill(s, s + cols, acc_t(0));
             continue;
           }
-          if (alibi) add_alibi_bias(s, lo, hi, slope, p.q_offset[b] + i0 + r - (p.k_offset[b] + n0));
+          const int64_t rel0 = p.q_offset[b] + i0 + r - (p.k_offset[b] + n0);
+          if (alibi) add_alibi_bias(s, lo, hi, slope, rel0);
+          if (relative) add_relative_bias(s, lo, hi, p.rel_bias + h * p.rel_bias_stride_h(), p.max_distance, rel0);
           const acc_t m_new = std::max(row_max_v[r], row_max(s, lo, hi));
           const acc_t alpha = std::exp(row_max_v[r] - m_new);  // 0 when the row had no key before
           const acc_t sum = exp_row(s, cols, lo, hi, m_new);

@@ -13,8 +13,9 @@ namespace fused_pos_attn::cpu {
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const AttentionParams& params);
 
-// Gradients of attention_forward's out: dq like q, dk like k, dv like v.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+// Gradients of attention_forward's out: dq like q, dk like k, dv like v, and d_rel_bias
+// (Hq, 2, max_distance + 1) fp32 for pos = relative (empty otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   const AttentionParams& params);

@@ -151,6 +151,21 @@ void add_alibi_bias(acc_t* s, int64_t lo, int64_t hi, acc_t slope, int64_t rel0)
   for (; j < hi; ++j) s[j] += -slope * std::abs(base - static_cast<acc_t>(j));
 }
 
+// s[j] += rel_bias_h[relative_bias_index(rel0 - j)] for j in [lo, hi): the relative bias of a score row
+// whose column 0 sits at rel0 = pq(i) - pk(n0); rel_bias_h is one head's (2, max_distance + 1) table.
+template <typename acc_t>
+void add_relative_bias(acc_t* s, int64_t lo, int64_t hi, const float* rel_bias_h, int64_t max_distance,
+                       int64_t rel0) {
+  for (int64_t j = lo; j < hi; ++j) s[j] += static_cast<acc_t>(rel_bias_h[relative_bias_index(rel0 - j, max_distance)]);
+}
+
+// d_rel_bias_h[relative_bias_index(rel0 - j)] += ds[j] for j in [lo, hi): the relative table's gradient.
+template <typename acc_t>
+void accumulate_relative_grad(const acc_t* ds, int64_t lo, int64_t hi, acc_t* d_rel_bias_h, int64_t max_distance,
+                              int64_t rel0) {
+  for (int64_t j = lo; j < hi; ++j) d_rel_bias_h[relative_bias_index(rel0 - j, max_distance)] += ds[j];
+}
+
 template <typename acc_t>
 acc_t row_max(const acc_t* s, int64_t lo, int64_t hi) {
   return at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); }, s + lo,

@@ -8,7 +8,7 @@ import fused_pos_attn._C  # noqa: F401  loads the library, registering torch.ops
 
 from ..spec import AttentionSpec
 
-POS_CODES = {"none": 0, "alibi": 1, "rope": 2}
+POS_CODES = {"none": 0, "alibi": 1, "rope": 2, "relative": 3}
 
 
 def _op_args(spec: AttentionSpec, q: torch.Tensor) -> tuple:
@@ -17,8 +17,9 @@ def _op_args(spec: AttentionSpec, q: torch.Tensor) -> tuple:
     batch, heads = q.shape[0], q.shape[1]
     slopes = p.slopes if p.slopes is not None else torch.zeros(1, 1, device=q.device).expand(batch, heads)
     inv_freq = p.inv_freq if p.inv_freq is not None else torch.zeros(0, device=q.device)
+    rel_bias = p.rel_bias.detach() if p.rel_bias is not None else torch.zeros(0, 2, 1, device=q.device)
     return (spec.q_offset, spec.k_offset, POS_CODES[p.kind], slopes, inv_freq, p.rotary_dim, p.interleaved,
-            p.attention_factor, spec.causal, spec.window or 0, spec.scale)
+            p.attention_factor, rel_bias, p.max_distance, spec.causal, spec.window or 0, spec.scale)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -28,6 +29,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv for grad_out (B, Hq, Nq, D)."""
-    return torch.ops.fused_pos_attn.attention_backward(grad_out, q, k, v, out, lse, *_op_args(spec, q))
+             lse: torch.Tensor, spec: AttentionSpec) -> tuple:
+    """dq, dk, dv for grad_out (B, Hq, Nq, D), and d_rel_bias (Hq, 2, max_distance + 1) or None."""
+    dq, dk, dv, d_rel_bias = torch.ops.fused_pos_attn.attention_backward(grad_out, q, k, v, out, lse,
+                                                                         *_op_args(spec, q))
+    return dq, dk, dv, (d_rel_bias if spec.position.kind == "relative" else None)

@@ -22,12 +22,16 @@ struct AttentionParams {
   int rotary_dim = 0;
   bool interleaved = false;
   double attention_factor = 1.0;  // double so fp64 calls (gradcheck) see the exact value; kernels narrow it
+  // Relative: rel_bias (Hq, 2, max_distance + 1) contiguous fp32, indexed by relative_bias_index.
+  const float* rel_bias = nullptr;
+  int64_t max_distance = 0;
   bool causal = false;
   int64_t window = 0;  // left window; 0 means none
   double scale = 1.0;  // multiplies q.k only; position biases are not scaled
 
   int64_t group() const { return heads_q / heads_kv; }
   float slope(int64_t b, int64_t h) const { return slopes[b * slope_stride_b + h * slope_stride_h]; }
+  int64_t rel_bias_stride_h() const { return 2 * (max_distance + 1); }
 };
 
 }  // namespace fused_pos_attn

@@ -3,6 +3,7 @@
 //   rel = pq(i) - pk(j): query position minus key position (int64 absolute positions).
 //   ALiBi bias is -slope * |rel|, not multiplied by the softmax scale.
 //   RoPE rotates column d with its partner column: x'[d] = x[d] * cos + x[partner(d)] * signed_sin.
+//   Relative (T5) bias is a lookup by signed distance in a small per-head table (relative_bias_index).
 #pragma once
 
 #include <cmath>
@@ -16,7 +17,7 @@
 
 namespace fused_pos_attn {
 
-enum class PosKind : int { kNone = 0, kAlibi = 1, kRope = 2 };
+enum class PosKind : int { kNone = 0, kAlibi = 1, kRope = 2, kRelative = 3 };
 
 // Relative distances saturate at +-2^30 so tile arithmetic stays in int32 (as in the Triton kernels).
 constexpr int64_t kRelClamp = int64_t{1} << 30;
@@ -29,6 +30,17 @@ FPA_HOST_DEVICE int64_t clamp_rel(int64_t rel) {
 FPA_HOST_DEVICE float alibi_bias(float slope, int64_t rel) {
   const int64_t r = clamp_rel(rel);
   return -slope * static_cast<float>(r < 0 ? -r : r);
+}
+
+// Relative bias: per query head a table rel_bias[h] of shape (2, max_distance + 1) holds the bias of
+// every distance: row 0 for keys at or before the query (rel >= 0), row 1 for keys after it (rel < 0),
+// column min(|rel|, max_distance). T5's buckets are constant beyond max_distance, so the host folds
+// bucket and bucket table into this distance table once per call (an exact copy of the reference's
+// fp32 bucket formula, whose log rounding at bucket edges differs between libm implementations).
+FPA_HOST_DEVICE int64_t relative_bias_index(int64_t rel, int64_t max_distance) {
+  const int64_t side = rel < 0 ? 1 : 0;
+  const int64_t distance = rel < 0 ? -rel : rel;
+  return side * (max_distance + 1) + (distance < max_distance ? distance : max_distance);
 }
 
 // Key j visible to query i: causal needs rel >= 0, a left window w needs rel < w (window <= 0: none).
