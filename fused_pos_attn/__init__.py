@@ -1,6 +1,7 @@
-"""fused_pos_attn: FlashAttention-style attention with ALiBi / RoPE applied inside the kernel."""
+"""fused_pos_attn: FlashAttention-style attention with ALiBi / RoPE / T5 relative bias applied inside the kernel."""
 from .attention import fused_attention
-from .positions import ALiBi, RoPE, alibi_slopes
+from .positions import ALiBi, RelativeBias, RoPE, alibi_slopes
+from .rope_scaling import NTK, DynamicNTK, Linear, Llama3, YaRN
 
-__all__ = ["fused_attention", "ALiBi", "RoPE", "alibi_slopes"]
+__all__ = ["fused_attention", "ALiBi", "RoPE", "RelativeBias", "alibi_slopes", "Linear", "NTK", "DynamicNTK", "YaRN", "Llama3"]
 __version__ = "0.1.0"

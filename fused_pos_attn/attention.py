@@ -17,10 +17,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class FusedAttentionFunction(torch.autograd.Function):
-    """Autograd over a kernel backend: forward keeps (q, k, v, out, lse); backward recomputes scores."""
+    """Autograd over a kernel backend: forward keeps (q, k, v, out, lse); backward recomputes scores.
+
+    rel_bias is spec.position.rel_bias (the relative scheme's (Hq, 2, max_distance + 1) distance table, or
+    None), passed as an input so its gradient flows back to the user's bucket table.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, spec: AttentionSpec, backend):
+    def forward(ctx, q, k, v, rel_bias, spec: AttentionSpec, backend):
         out, lse = backend.forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.backend = spec, backend
@@ -30,8 +34,8 @@ class FusedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backend.backward(grad_out, q, k, v, out, lse, ctx.spec)
-        return dq, dk, dv, None, None
+        dq, dk, dv, d_rel_bias = ctx.backend.backward(grad_out, q, k, v, out, lse, ctx.spec)
+        return dq, dk, dv, d_rel_bias, None, None
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionArg = "none", *,
@@ -42,7 +46,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
 
     Args:
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (GQA/MQA). Any strides.
-        pos: "none" | "alibi" | "rope" or an ALiBi / RoPE object.
+        pos: "none" | "alibi" | "rope" or an ALiBi / RoPE / RelativeBias object.
         causal: key j visible to query i iff pk(j) <= pq(i).
         scale: multiplies q.k (default 1/sqrt(D)); position biases are not scaled.
         window: left sliding window w > 0: key visible iff pq(i) - pk(j) < w (with or without causal).
@@ -53,18 +57,21 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
 
     Returns:
-        out (B, Hq, Nq, D) in q's dtype, and lse when return_lse.
+        out (B, Hq, Nq, D) in q's dtype, and lse when return_lse. Differentiable in q, k, v and a
+        RelativeBias table.
     """
     _check_tensors(q, k, v)
     batch, num_heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     scheme = as_position_scheme(pos)
-    position = scheme.resolve(batch, num_heads, head_dim, max(seq_k, seq_q), q.device)
+    causal = _check_bool(causal, "causal")
     k_off = _offsets(k_offset, "k_offset", batch, q.device, default=0)
     q_off = _offsets(q_offset, "q_offset", batch, q.device, default=None)
     if q_off is None:
         q_off = k_off + (seq_k - seq_q)
-    spec = AttentionSpec(causal=_check_bool(causal, "causal"), scale=_check_scale(scale, head_dim),
+    position = scheme.resolve(batch, num_heads, head_dim, _current_length(scheme, q_off, k_off, seq_q, seq_k),
+                              q.device, causal=causal)
+    spec = AttentionSpec(causal=causal, scale=_check_scale(scale, head_dim),
                          window=_check_window(window), q_offset=q_off, k_offset=k_off, position=position)
     _check_bool(return_lse, "return_lse")
 
@@ -73,7 +80,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
         out, lse = attention_reference(q, k, v, spec, upcast=False)
         out, lse = out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     else:
-        out, lse = FusedAttentionFunction.apply(q, k, v, spec, chosen)
+        out, lse = FusedAttentionFunction.apply(q, k, v, position.rel_bias, spec, chosen)
     return (out, lse) if return_lse else out
 
 
@@ -123,8 +130,19 @@ def _offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
             return value.to(device=device, dtype=torch.int64).expand(batch).contiguous()
         if tuple(value.shape) != (batch,):
             raise ValueError(f"{name} must have shape (B,)=({batch},), got {tuple(value.shape)}")
-        return value.to(device=device, dtype=torch.int64).contiguous()
+        # A copy, never the caller's tensor: the offsets are saved for backward, and an in-place update of
+        # the caller's tensor (a growing KV-cache length) must not change them.
+        return value.to(device=device, dtype=torch.int64, copy=True).contiguous()
     raise TypeError(f"{name} must be an int or a (B,) integer tensor, got {type(value).__name__}")
+
+
+def _current_length(scheme, q_off: torch.Tensor, k_off: torch.Tensor, seq_q: int, seq_k: int) -> int:
+    """The call's largest absolute position + 1, max over b of max(q_off[b] + Nq, k_off[b] + Nk), for
+    schemes whose parameters depend on it (RoPE with DynamicNTK). Reading the offsets is a device sync, so
+    other schemes get max(Nq, Nk), which they ignore."""
+    if not getattr(scheme, "length_dependent", False):
+        return max(seq_q, seq_k)
+    return int(torch.maximum(q_off + seq_q, k_off + seq_k).max())
 
 
 def _check_scale(scale: Optional[float], head_dim: int) -> float:

@@ -12,7 +12,9 @@ from typing import Optional, Union
 
 import torch
 
-NONE, ALIBI_KIND, ROPE_KIND = "none", "alibi", "rope"
+from .rope_scaling import DynamicNTK, Linear, Llama3, RopeScaling, YaRN, yarn_mscale
+
+NONE, ALIBI_KIND, ROPE_KIND, RELATIVE_KIND = "none", "alibi", "rope", "relative"
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ class ResolvedPosition:
     rotary_dim: number of leading head dims that rotate (even, <= D); 0 unless kind == "rope".
     interleaved: RoPE pairs (2i, 2i+1) instead of rotate-half (i, i + rotary_dim/2).
     attention_factor: multiplies RoPE cos and sin (so logits scale by its square).
+    rel_table: (Hq, num_buckets) fp32 T5 bucket table (may require grad); the reference reads it.
+    rel_bias: (Hq, 2, max_distance + 1) fp32 bias by signed distance, the table folded through the buckets
+        (row 0: key at or before the query, row 1: key after it; column min(|pq - pk|, max_distance));
+        the kernels read it and return its gradient.
+    max_distance, bidirectional: T5 bucket parameters.
     """
 
     kind: str
@@ -33,20 +40,26 @@ class ResolvedPosition:
     rotary_dim: int = 0
     interleaved: bool = False
     attention_factor: float = 1.0
+    rel_table: Optional[torch.Tensor] = None
+    rel_bias: Optional[torch.Tensor] = None
+    max_distance: int = 0
+    bidirectional: bool = False
 
 
 class PositionScheme:
     """Base class: `resolve` maps call shapes to the kernel parameters."""
 
-    def resolve(self, batch: int, num_heads: int, head_dim: int, seq_len: int,
-                device: torch.device) -> ResolvedPosition:
+    def resolve(self, batch: int, num_heads: int, head_dim: int, seq_len: int, device: torch.device,
+                causal: bool = False) -> ResolvedPosition:
+        """seq_len: the call's length (for length-dependent schemes); causal: the call's masking (for
+        schemes whose form depends on it)."""
         raise NotImplementedError
 
 
 class NoPosition(PositionScheme):
     """Plain attention (pos="none")."""
 
-    def resolve(self, batch, num_heads, head_dim, seq_len, device) -> ResolvedPosition:
+    def resolve(self, batch, num_heads, head_dim, seq_len, device, causal=False) -> ResolvedPosition:
         return ResolvedPosition(NONE)
 
     def __repr__(self) -> str:
@@ -92,7 +105,7 @@ class ALiBi(PositionScheme):
                 raise ValueError("ALiBi slopes must be finite (found NaN or inf)")
         self.slopes = slopes
 
-    def resolve(self, batch, num_heads, head_dim, seq_len, device) -> ResolvedPosition:
+    def resolve(self, batch, num_heads, head_dim, seq_len, device, causal=False) -> ResolvedPosition:
         slopes = alibi_slopes(num_heads) if self.slopes is None else self.slopes.detach()
         slopes = slopes.to(device=device, dtype=torch.float32)
         if slopes.dim() == 1:
@@ -118,11 +131,16 @@ class RoPE(PositionScheme):
         interleaved: pairs (2i, 2i+1) (GPT-J/RoFormer) instead of rotate-half (i, i + r/2) (NeoX/Llama).
         inv_freq: optional explicit (r/2,) frequency vector; it replaces the theta frequencies. Every
             context-extension scaling is such a vector plus an attention factor.
-        attention_factor: multiplies cos and sin (YaRN's mscale); logits scale by its square.
+        attention_factor: multiplies cos and sin; logits scale by its square. With a scaling, the
+            scaling's own factor (YaRN's mscale) is multiplied into it.
+        scaling: None or a context-extension scaling (Linear, NTK, DynamicNTK, YaRN, Llama3) that computes
+            inv_freq and an attention factor from theta, rotary_dim and, for DynamicNTK, the call's length.
+            Exclusive with inv_freq.
     """
 
     def __init__(self, theta: float = 10000.0, rotary_dim: Optional[int] = None, interleaved: bool = False,
-                 inv_freq: Optional[torch.Tensor] = None, attention_factor: float = 1.0):
+                 inv_freq: Optional[torch.Tensor] = None, attention_factor: float = 1.0,
+                 scaling: Optional[RopeScaling] = None):
         if not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1.0:
             raise ValueError(f"RoPE theta must be a finite number > 1, got {theta!r}")
         if rotary_dim is not None and (not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool)
@@ -140,20 +158,117 @@ class RoPE(PositionScheme):
                                  f"got {inv_freq.shape[0]}")
             if not torch.isfinite(inv_freq).all():
                 raise ValueError("RoPE inv_freq must be finite (found NaN or inf)")
+        if scaling is not None:
+            if not isinstance(scaling, RopeScaling):
+                raise TypeError(f"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN or Llama3 object, "
+                                f"got {type(scaling).__name__}")
+            if inv_freq is not None:
+                raise ValueError("RoPE takes inv_freq or scaling, not both: a scaling computes inv_freq from theta")
         self.theta = float(theta)
         self.rotary_dim = rotary_dim
         self.interleaved = bool(interleaved)
         self.inv_freq = inv_freq
         self.attention_factor = float(attention_factor)
+        self.scaling = scaling
+
+    @classmethod
+    def from_hf(cls, config) -> "RoPE":
+        """The RoPE of a Hugging Face transformers model config (Llama, Qwen2, Mistral, ...), rotate-half.
+
+        config: a transformers config object or its dict (config.json). Keys read, by attribute or item:
+        - `rope_parameters` (transformers >= 5) or else `rope_scaling` (older): a dict with `rope_type` (or
+          `type`) in "default", "linear", "dynamic", "yarn", "llama3" and that type's keys: `factor`;
+          `low_freq_factor`, `high_freq_factor` (llama3); `beta_fast`, `beta_slow`, `attention_factor`,
+          `mscale`, `mscale_all_dim`, `truncate` (yarn); `original_max_position_embeddings` (yarn,
+          llama3; else the config's own `original_max_position_embeddings`, else `max_position_embeddings`);
+          `rope_theta` and `partial_rotary_factor` may sit here too. None or {} means "default".
+        - `rope_theta` (default 10000) and `partial_rotary_factor` (default 1) when not in that dict.
+        - `head_dim`, or else `hidden_size // num_attention_heads`: rotary_dim = int(head_dim * partial).
+        - `max_position_embeddings`: dynamic's original length (as in transformers), yarn's factor when
+          it is null (max_position_embeddings / original_max_position_embeddings).
+        YaRN's `attention_factor` wins; else `mscale` and `mscale_all_dim` (both non-zero) give
+        yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all_dim); else the default 0.1*ln(s) + 1.
+        Other rope types (longrope, per-layer dicts, ...) raise ValueError naming them.
+        """
+        def get(source, key, default=None):
+            value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
+            return default if value is None else value
+
+        params = get(config, "rope_parameters") or get(config, "rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise TypeError(f"RoPE.from_hf: rope_parameters / rope_scaling must be a dict, got {type(params).__name__}")
+        if any(isinstance(value, dict) for value in params.values()):
+            raise ValueError(f"RoPE.from_hf: per-layer rope_parameters {sorted(params)} are not supported; "
+                             f"build one RoPE per layer type")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        theta = params.get("rope_theta", get(config, "rope_theta", 10000.0))
+        partial = params.get("partial_rotary_factor", get(config, "partial_rotary_factor", 1.0))
+        head_dim = get(config, "head_dim")
+        if head_dim is None:
+            hidden, heads = get(config, "hidden_size"), get(config, "num_attention_heads")
+            if hidden is None or heads is None:
+                raise ValueError("RoPE.from_hf: config needs head_dim, or hidden_size and num_attention_heads")
+            head_dim = hidden // heads
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim <= 0 or rotary_dim % 2:
+            raise ValueError(f"RoPE.from_hf: rotary dim int(head_dim * partial_rotary_factor) = int({head_dim} * "
+                             f"{partial}) = {rotary_dim} must be a positive even int")
+
+        def need(key):
+            if params.get(key) is None:
+                raise ValueError(f"RoPE.from_hf: rope_type {rope_type!r} needs rope_parameters[{key!r}]")
+            return params[key]
+
+        def need_config(key):
+            if get(config, key) is None:
+                raise ValueError(f"RoPE.from_hf: rope_type {rope_type!r} needs config {key}")
+            return get(config, key)
+
+        def original_len():  # transformers gives the config-level value priority (Phi-3)
+            value = get(config, "original_max_position_embeddings", params.get("original_max_position_embeddings"))
+            return int(value if value is not None else need_config("max_position_embeddings"))
+
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "linear":
+            scaling = Linear(need("factor"))
+        elif rope_type == "dynamic":
+            scaling = DynamicNTK(need("factor"), int(need_config("max_position_embeddings")))
+        elif rope_type == "llama3":
+            scaling = Llama3(need("factor"), need("low_freq_factor"), need("high_freq_factor"), original_len())
+        elif rope_type == "yarn":
+            original = original_len()
+            factor = params.get("factor")
+            if factor is None:
+                factor = need_config("max_position_embeddings") / original
+            mscale = params.get("attention_factor")
+            if mscale is None and params.get("mscale") and params.get("mscale_all_dim"):
+                mscale = yarn_mscale(factor, params["mscale"]) / yarn_mscale(factor, params["mscale_all_dim"])
+            scaling = YaRN(factor, original, beta_fast=params.get("beta_fast") or 32,
+                           beta_slow=params.get("beta_slow") or 1, mscale=mscale,
+                           truncate=params.get("truncate", True))
+        else:
+            raise ValueError(f"RoPE.from_hf: unsupported rope_type {rope_type!r}; supported: default, linear, "
+                             f"dynamic, yarn, llama3")
+        return cls(theta=float(theta), rotary_dim=rotary_dim, scaling=scaling)
+
+    @property
+    def length_dependent(self) -> bool:
+        """True when the frequencies depend on the call's length (DynamicNTK)."""
+        return self.scaling is not None and self.scaling.length_dependent
 
     def frequencies(self, rotary_dim: int, seq_len: int) -> tuple[torch.Tensor, float]:
-        """(inv_freq (rotary_dim/2,) fp32 on CPU, attention factor) for a call of length seq_len."""
+        """(inv_freq (rotary_dim/2,) fp32 on CPU, attention factor) for a call whose current length (largest
+        absolute position + 1) is seq_len."""
+        if self.scaling is not None:
+            inv_freq, factor = self.scaling.frequencies(self.theta, rotary_dim, seq_len)
+            return inv_freq, self.attention_factor * factor
         if self.inv_freq is not None:
             return self.inv_freq.detach().to(torch.float32), self.attention_factor
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
         return (self.theta ** -exponents).to(torch.float32), self.attention_factor
 
-    def resolve(self, batch, num_heads, head_dim, seq_len, device) -> ResolvedPosition:
+    def resolve(self, batch, num_heads, head_dim, seq_len, device, causal=False) -> ResolvedPosition:
         if self.inv_freq is not None and self.rotary_dim is None:
             rotary_dim = 2 * self.inv_freq.shape[0]
         else:
@@ -167,7 +282,93 @@ class RoPE(PositionScheme):
 
     def __repr__(self) -> str:
         return (f"RoPE(theta={self.theta}, rotary_dim={self.rotary_dim}, interleaved={self.interleaved}, "
-                f"attention_factor={self.attention_factor})")
+                f"attention_factor={self.attention_factor}, scaling={self.scaling!r})")
+
+
+MAX_RELATIVE_DISTANCE = 1 << 20  # bounds the (Hq, 2, max_distance + 1) distance table
+
+
+def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+              max_distance: int) -> torch.Tensor:
+    """T5 bucket of relative_position = pk - pq (int64 tensor, any shape), as POSITIONS.md defines it.
+
+    The log is taken in fp32 like transformers' T5Attention._relative_position_bucket, so bucket edges
+    match it exactly. Returns int64 buckets in [0, num_buckets).
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).to(torch.int64) * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # Distances below max_exact are 0 after the clamp, so the log never sees 0 where it is used.
+    log_ratio = torch.log(distance.clamp(min=max_exact).to(torch.float32) / max_exact)
+    far = max_exact + (log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)).to(torch.int64)
+    far = far.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, far)
+
+
+class RelativeBias(PositionScheme):
+    """T5 relative position bias: bias_ij = table[h, bucket(pk(j) - pq(i))], added after the softmax scale.
+
+    Args:
+        table: (Hq, num_buckets) learnable bias table, any float dtype (used in fp32); it receives a
+            gradient through fused_attention.
+        max_distance: distances from max_distance on share the last bucket (T5 default 128).
+        bidirectional: separate buckets for keys after the query (T5 encoder). None: bidirectional
+            exactly when the call is not causal.
+
+    Kernels never evaluate the bucket formula: per call the table is folded into a (Hq, 2, max_distance + 1)
+    bias-by-distance table (`ResolvedPosition.rel_bias`), which the kernels index by the signed distance
+    computed in registers. The bucket edges are thus computed once, by the same fp32 formula as the
+    reference and transformers, instead of by each backend's own log; gradients flow back to the table
+    through that fold.
+    """
+
+    def __init__(self, table: torch.Tensor, max_distance: int = 128, bidirectional: Optional[bool] = None):
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"RelativeBias table must be a torch.Tensor, got {type(table).__name__}")
+        if table.dim() != 2 or not table.is_floating_point():
+            raise ValueError(f"RelativeBias table must be a floating-point tensor of shape (Hq, num_buckets), "
+                             f"got {table.dtype} of shape {tuple(table.shape)}")
+        if bidirectional is not None and not isinstance(bidirectional, bool):
+            raise TypeError(f"RelativeBias bidirectional must be a bool or None, got {type(bidirectional).__name__}")
+        if isinstance(max_distance, bool) or not isinstance(max_distance, int) \
+                or not 1 <= max_distance <= MAX_RELATIVE_DISTANCE:
+            raise ValueError(f"RelativeBias max_distance must be an int in [1, {MAX_RELATIVE_DISTANCE}], "
+                             f"got {max_distance!r}")
+        self.table = table
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def resolve(self, batch, num_heads, head_dim, seq_len, device, causal=False) -> ResolvedPosition:
+        bidirectional = (not causal) if self.bidirectional is None else self.bidirectional
+        num_buckets = self.table.shape[1]
+        if self.table.shape[0] != num_heads:
+            raise ValueError(f"RelativeBias table must have shape (Hq, num_buckets) with Hq={num_heads}, "
+                             f"got {tuple(self.table.shape)}")
+        max_exact = num_buckets // (4 if bidirectional else 2)
+        if max_exact < 1:
+            raise ValueError(f"RelativeBias table needs num_buckets >= {4 if bidirectional else 2} "
+                             f"({'bidirectional' if bidirectional else 'causal'} buckets), got {num_buckets}")
+        if self.max_distance <= max_exact:
+            raise ValueError(f"RelativeBias max_distance must exceed the exact-bucket range {max_exact} "
+                             f"(num_buckets // {4 if bidirectional else 2}), got {self.max_distance}")
+        if not torch.isfinite(self.table.detach()).all():
+            raise ValueError("RelativeBias table must be finite (found NaN or inf)")
+        table = self.table.to(device=device, dtype=torch.float32)
+        distance = torch.arange(self.max_distance + 1, device=device, dtype=torch.int64)
+        # Row 0: keys at or before the query (pk - pq = -distance); row 1: keys after it (+distance).
+        buckets = t5_bucket(torch.stack((-distance, distance)), bidirectional, num_buckets, self.max_distance)
+        rel_bias = table[:, buckets].contiguous()  # (Hq, 2, max_distance + 1), differentiable in table
+        return ResolvedPosition(RELATIVE_KIND, rel_table=table, rel_bias=rel_bias, max_distance=self.max_distance,
+                                bidirectional=bidirectional)
+
+    def __repr__(self) -> str:
+        return (f"RelativeBias(table={tuple(self.table.shape)}, max_distance={self.max_distance}, "
+                f"bidirectional={self.bidirectional})")
 
 
 _BY_NAME = {"none": NoPosition, "alibi": ALiBi, "rope": RoPE}
@@ -182,4 +383,5 @@ def as_position_scheme(pos: PositionArg) -> PositionScheme:
         if pos not in _BY_NAME:
             raise ValueError(f"pos must be one of {sorted(_BY_NAME)} or a position object, got {pos!r}")
         return _BY_NAME[pos]()
-    raise TypeError(f"pos must be a str or a position object (ALiBi, RoPE), got {type(pos).__name__}")
+    raise TypeError(f"pos must be a str or a position object (ALiBi, RoPE, RelativeBias), "
+                    f"got {type(pos).__name__}")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .positions import ALIBI_KIND, ROPE_KIND, ResolvedPosition
+from .positions import ALIBI_KIND, RELATIVE_KIND, ROPE_KIND, ResolvedPosition, t5_bucket
 from .spec import AttentionSpec
 
 
@@ -52,11 +52,19 @@ def visibility(pq: torch.Tensor, pk: torch.Tensor, causal: bool, window: Optiona
 
 def position_bias(pq: torch.Tensor, pk: torch.Tensor, position: ResolvedPosition,
                   dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Additive score bias (B, Hq, Nq, Nk) in dtype, or None for schemes without one."""
-    if position.kind != ALIBI_KIND:
-        return None
-    distance = (pq[:, None, :, None] - pk[:, None, None, :]).abs().to(dtype)
-    return -position.slopes.to(dtype)[:, :, None, None] * distance
+    """Additive score bias (B, Hq, Nq, Nk) in dtype, or None for schemes without one.
+
+    Relative: the T5 bucket of every (query, key) pair from the formula itself, then the table lookup;
+    differentiable in the table.
+    """
+    if position.kind == ALIBI_KIND:
+        distance = (pq[:, None, :, None] - pk[:, None, None, :]).abs().to(dtype)
+        return -position.slopes.to(dtype)[:, :, None, None] * distance
+    if position.kind == RELATIVE_KIND:
+        buckets = t5_bucket(pk[:, None, :] - pq[:, :, None], position.bidirectional, position.rel_table.shape[1],
+                            position.max_distance)  # (B, Nq, Nk)
+        return position.rel_table.to(dtype)[:, buckets].transpose(0, 1)
+    return None
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
