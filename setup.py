@@ -58,7 +58,7 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.3"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "transformers>=5.0"],  # transformers: oracle of the RoPE/ALiBi tests
         "bench": ["pytest-benchmark", "matplotlib", "psutil"],
     },
     ext_modules=[_extension()],

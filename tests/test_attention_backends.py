@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fused_pos_attn import ALiBi, RoPE, fused_attention
+from fused_pos_attn import ALiBi, RelativeBias, RoPE, fused_attention
 from tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +42,7 @@ class Case:
     seq_q: int = 17
     seq_k: int = 17
     head_dim: int = 16
-    pos: object = "none"
+    pos: object = "none"  # a pos argument, or a RelativeTable (built per run with a fresh leaf table)
     kwargs: dict = field(default_factory=dict)
     layout: str = "contiguous"  # "contiguous" | "bnhd" (a (B, N, H, D) tensor viewed as BHND) | "strided_d"
 
@@ -57,10 +57,32 @@ def make_input(shape: tuple, dtype: torch.dtype, layout: str, gen: torch.Generat
     return torch.randn(b, h, n, d, generator=gen).to(device, dtype)
 
 
+@dataclass(frozen=True)
+class RelativeTable:
+    """A RelativeBias scheme for Hq heads: a seeded (Hq, num_buckets) table, rebuilt as a fresh leaf per run so
+    each backend's table gradient can be compared."""
+
+    num_buckets: int = 16
+    max_distance: int = 12
+    bidirectional: Optional[bool] = None
+
+    def build(self, heads: int) -> RelativeBias:
+        table = torch.randn(heads, self.num_buckets, generator=torch.Generator().manual_seed(heads))
+        return RelativeBias(table.requires_grad_(), self.max_distance, self.bidirectional)
+
+
+def position_for(pos, heads: int):
+    return pos.build(heads) if isinstance(pos, RelativeTable) else pos
+
+
 def run_backend(q, k, v, grad_out, case: Case, backend: str, dtype: Optional[torch.dtype] = None):
-    """(out, lse, dq, dk, dv) of fused_attention on copies of q, k, v cast to dtype."""
+    """(out, lse, dq, dk, dv[, d_table]) of fused_attention on copies of q, k, v cast to dtype; d_table is the
+    gradient of a relative scheme's bucket table."""
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = fused_attention(*leaves, case.pos, return_lse=True, backend=backend, **case.kwargs)
+    pos = position_for(case.pos, case.heads_q)
+    if isinstance(pos, RelativeBias):
+        leaves.append(pos.table)
+    out, lse = fused_attention(*leaves[:3], pos, return_lse=True, backend=backend, **case.kwargs)
     out.backward(grad_out.to(out.dtype))
     return (out, lse, *(t.grad for t in leaves))
 
@@ -75,7 +97,7 @@ def check_case(case: Case, dtype: torch.dtype, backend: str, seed: int = 0, back
     fused = run_backend(q, k, v, grad_out, case, backend)
     ref64 = run_backend(q, k, v, grad_out, case, "reference", torch.float64)
     same = run_backend(q, k, v, grad_out, case, "reference", dtype)
-    names = ("out", "lse", "dq", "dk", "dv") if backward else ("out", "lse")
+    names = ("out", "lse", "dq", "dk", "dv", "d_table")[:len(fused)] if backward else ("out", "lse")
     for i, name in enumerate(names):
         factor = 2.0 if i < 2 else 3.0
         assert_close_to_reference(fused[i], ref64[i], same[i], factor, f"{name} {case}")
@@ -90,6 +112,8 @@ SCHEMES = {
     "rope_interleaved": RoPE(interleaved=True),
     "rope_partial": RoPE(rotary_dim=8, theta=500.0),
     "rope_partial_interleaved": RoPE(rotary_dim=12, interleaved=True),
+    "relative": RelativeTable(),  # T5 buckets: bidirectional unless causal
+    "relative_causal_buckets": RelativeTable(num_buckets=8, max_distance=5, bidirectional=False),
 }
 
 
@@ -99,7 +123,7 @@ def test_schemes_causal(scheme, causal, backend):
     check_case(Case(seq_q=17, seq_k=23, pos=SCHEMES[scheme], kwargs=dict(causal=causal)), torch.float32, backend)
 
 
-@pytest.mark.parametrize("scheme", ["none", "alibi", "rope"])
+@pytest.mark.parametrize("scheme", ["none", "alibi", "rope", "relative"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_sliding_window(scheme, causal, backend):
     check_case(Case(seq_q=33, seq_k=40, pos=SCHEMES[scheme], kwargs=dict(causal=causal, window=7)), torch.float32,
@@ -107,7 +131,7 @@ def test_sliding_window(scheme, causal, backend):
 
 
 @pytest.mark.parametrize("heads_q,heads_kv", [(4, 4), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("scheme", ["alibi", "rope"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
 def test_grouped_query(heads_q, heads_kv, scheme, backend):
     check_case(Case(heads_q=heads_q, heads_kv=heads_kv, pos=SCHEMES[scheme], kwargs=dict(causal=True)),
                torch.float32, backend)
@@ -115,7 +139,7 @@ def test_grouped_query(heads_q, heads_kv, scheme, backend):
 
 @pytest.mark.parametrize("seq_q,seq_k", [(1, 97), (3, 40), (40, 17), (97, 97)],
                          ids=["decode", "chunk", "nq_gt_nk", "square"])
-@pytest.mark.parametrize("scheme", ["alibi", "rope"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
 def test_sequence_lengths(seq_q, seq_k, scheme, backend):
     """Nq > Nk with causal leaves the first rows without a visible key (zeros, LSE -inf)."""
     check_case(Case(batch=1, heads_q=2, heads_kv=1, seq_q=seq_q, seq_k=seq_k, pos=SCHEMES[scheme],
@@ -131,7 +155,7 @@ def test_head_dims(head_dim, scheme, backend):
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "strided_d"])
-@pytest.mark.parametrize("scheme", ["alibi", "rope"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
 def test_non_contiguous_inputs(layout, scheme, backend):
     check_case(Case(layout=layout, pos=SCHEMES[scheme], kwargs=dict(causal=True)), torch.float32, backend)
 
@@ -143,7 +167,7 @@ def test_bnhd_view_is_not_copied_and_output_keeps_layout(backend):
     assert out.stride() == x.stride()
 
 
-@pytest.mark.parametrize("scheme", ["alibi", "rope", "rope_interleaved"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope", "rope_interleaved", "relative"])
 @pytest.mark.parametrize("window", [None, 9])
 def test_per_batch_offsets(scheme, window, backend):
     """Per-batch absolute positions: a KV cache of different lengths, a shard with global positions,
@@ -151,7 +175,7 @@ def test_per_batch_offsets(scheme, window, backend):
     kwargs = dict(causal=True, window=window, q_offset=torch.tensor([30, 3_000_000_000]),
                   k_offset=torch.tensor([5, 3_000_000_000 - 20]))
     pos = SCHEMES[scheme]
-    if scheme != "alibi":  # keep RoPE angles small enough to be well conditioned at 3e9 in fp32
+    if scheme.startswith("rope"):  # keep RoPE angles small enough to be well conditioned at 3e9 in fp32
         pos = RoPE(theta=10000.0 ** 8, interleaved=scheme == "rope_interleaved")
     check_case(Case(seq_q=17, seq_k=37, pos=pos, kwargs=kwargs), torch.float32, backend)
 
@@ -162,7 +186,7 @@ def test_alibi_per_batch_slopes_and_scale(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scheme", ["none", "alibi", "rope"])
+@pytest.mark.parametrize("scheme", ["none", "alibi", "rope", "relative"])
 def test_low_precision(dtype, scheme, backend):
     # Triton 3.9's interpreter computes tl.dot on bfloat16 tiles wrongly (a bare 16x16 bf16 dot is off by
     # ~1e10), so Triton's bfloat16 runs need a GPU; the CPU backend and float16 run everywhere.
@@ -196,7 +220,7 @@ def test_property_random_shapes(backend, batch, heads_kv, group, seq_q, seq_k, h
 
 
 @pytest.mark.parametrize("seq_q,seq_k", [(1025, 1025), (1, 2048), (255, 2048)])
-@pytest.mark.parametrize("scheme", ["alibi", "rope_partial_interleaved"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope_partial_interleaved", "relative"])
 @pytest.mark.parametrize("window", [None, 300])
 def test_cpu_long_sequences(seq_q, seq_k, scheme, window):
     """The native CPU kernels at lengths spanning many of their 128 x 256 tiles (the dense fp64 reference
@@ -205,14 +229,15 @@ def test_cpu_long_sequences(seq_q, seq_k, scheme, window):
                     kwargs=dict(causal=True, window=window)), torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("scheme", ["none", "alibi", "rope", "rope_partial_interleaved"])
+@pytest.mark.parametrize("scheme", ["none", "alibi", "rope", "rope_partial_interleaved", "relative"])
 def test_cpu_float64_and_gradcheck(scheme):
     """fp64 on the CPU kernels: matches the reference to fp64 rounding, and passes gradcheck."""
     check_case(Case(seq_q=40, seq_k=300, pos=SCHEMES[scheme], kwargs=dict(causal=True, window=280)),
                torch.float64, "cpu")
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, n, 8, generator=gen, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
-    pos = SCHEMES[scheme] if scheme != "rope_partial_interleaved" else RoPE(rotary_dim=4, interleaved=True)
+    pos = position_for(SCHEMES[scheme], 2) if scheme != "rope_partial_interleaved" else RoPE(rotary_dim=4,
+                                                                                                interleaved=True)
     assert torch.autograd.gradcheck(
         lambda q, k, v: fused_attention(q, k, v, pos, causal=True, window=4, backend="cpu"), (q, k, v))
 
@@ -225,9 +250,9 @@ def test_triton_and_cpu_agree(scheme):
     q = torch.randn(2, 4, 21, 32, generator=gen)
     k, v = (torch.randn(2, 2, 35, 32, generator=gen) for _ in range(2))
     kwargs = dict(causal=True, window=20, q_offset=torch.tensor([14, 100]), return_lse=True)
-    out_cpu, lse_cpu = fused_attention(q, k, v, SCHEMES[scheme], backend="cpu", **kwargs)
-    out_tr, lse_tr = fused_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), SCHEMES[scheme], backend="triton",
-                                     **kwargs)
+    pos = position_for(SCHEMES[scheme], 4)
+    out_cpu, lse_cpu = fused_attention(q, k, v, pos, backend="cpu", **kwargs)
+    out_tr, lse_tr = fused_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pos, backend="triton", **kwargs)
     torch.testing.assert_close(out_tr.cpu(), out_cpu, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_tr.cpu(), lse_cpu, atol=1e-5, rtol=1e-5)
 
@@ -235,7 +260,7 @@ def test_triton_and_cpu_agree(scheme):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seq", [128, 255, 1025])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("scheme", ["none", "alibi", "rope", "rope_partial_interleaved"])
+@pytest.mark.parametrize("scheme", ["none", "alibi", "rope", "rope_partial_interleaved", "relative"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_large(seq, head_dim, scheme, dtype):
     check_case(Case(batch=2, heads_q=8, heads_kv=2, seq_q=seq, seq_k=seq, head_dim=head_dim,

@@ -258,7 +258,7 @@ def test_unknown_pos_string(pos):
 @pytest.mark.parametrize("pos", [None, 1, ALiBi, torch.ones(HQ)])
 def test_pos_wrong_type(pos):
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=rf"pos must be a str or a position object \(ALiBi, RoPE\), "
+    with pytest.raises(TypeError, match=rf"pos must be a str or a position object \(ALiBi, RoPE, RelativeBias\), "
                                         rf"got {type(pos).__name__}"):
         call(q, k, v, pos)
 
