@@ -9,7 +9,7 @@ import torch
 
 from fused_pos_attn import fused_attention
 from fused_pos_attn.benchmarking import (MODES, POSITIONS, build_provider, is_optional, make_inputs, make_step,
-                                         plan, provider_names)
+                                         plan, position_scheme, provider_names)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = "float16" if DEVICE == "cuda" else "float32"
@@ -38,5 +38,6 @@ def test_kernel(benchmark, provider, case, mode):
     result = benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     if mode == "fwd":
         q, k, v = (t.double() for t in inputs[:3])
-        expected = fused_attention(q, k, v, pos=case.pos, causal=case.causal, backend="reference")
+        expected = fused_attention(q, k, v, pos=position_scheme(case.pos, case.heads), causal=case.causal,
+                                   backend="reference")
         torch.testing.assert_close(result.double(), expected, atol=TOLERANCE[case.dtype], rtol=0)

@@ -4,11 +4,14 @@ Providers (each maps q, k, v (B, H, N, D) to out (B, H, N, D) for one position s
   fused:<backend>   `fused_attention(..., backend=<backend>)` for every kernel backend usable on the device.
                     Where none is built this is `fused:reference`, the dense oracle: not a fused kernel.
                     Triton counts on CUDA only (on CPU tensors it would run in the interpreter).
-  sdpa_dense_bias   what users do today: build the (B, H, N, N) ALiBi + causal bias, or rotate q and k with
-                    RoPE into new tensors, then call F.scaled_dot_product_attention.
+  sdpa_dense_bias   what users do today: build the (B, H, N, N) ALiBi or T5 + causal bias, or rotate q and k
+                    with RoPE into new tensors, then call F.scaled_dot_product_attention.
   sdpa_floor        SDPA with the same causal mask and no position: the cost of attention alone.
-  flex_attention    torch.compile'd flex_attention with an ALiBi score_mod and a causal block mask, where it
-                    compiles and runs on the device (skipped with the reason otherwise).
+  flex_attention    torch.compile'd flex_attention with an ALiBi or relative-bias score_mod and a causal block
+                    mask, where it compiles and runs on the device (skipped with the reason otherwise).
+
+Positions: alibi, rope, rope_yarn (RoPE with YaRN(4, original_max_len=1024)), relative (T5 buckets: a
+seeded (H, 32) table, max_distance 128) and none.
 
 Timing: median wall time of repeated calls after a warmup call (CUDA events on GPU, perf_counter on CPU).
 Modes: "fwd" (no autograd graph), "bwd" (the backward of a retained forward graph), "fwd+bwd".
@@ -35,10 +38,11 @@ import torch.nn.functional as F
 
 from . import backends
 from .attention import fused_attention
-from .positions import NONE, ALiBi, RoPE, ResolvedPosition
+from .positions import NONE, ALiBi, PositionScheme, RelativeBias, RoPE, ResolvedPosition
+from .rope_scaling import YaRN
 from .reference import absolute_positions, apply_rope, position_bias, visibility
 
-POSITIONS = ("alibi", "rope", "none")
+POSITIONS = ("alibi", "rope", "rope_yarn", "relative", "none")
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("fused", "sdpa_dense_bias", "sdpa_floor", "flex_attention")
 FLOOR = "sdpa_floor"
@@ -106,17 +110,28 @@ def provider_names(device: str, include_flex: bool = True) -> list[str]:
     return names + ["flex_attention"] if include_flex else names
 
 
+def position_scheme(pos: str, heads: int) -> PositionScheme | str:
+    """The scheme benchmarked under the name pos (see POSITIONS) for `heads` query heads."""
+    if pos == "rope_yarn":
+        return RoPE(scaling=YaRN(4.0, original_max_len=1024))
+    if pos == "relative":
+        return RelativeBias(torch.randn(heads, 32, generator=torch.Generator().manual_seed(0)), max_distance=128)
+    return pos
+
+
 def _positions(case: Case) -> tuple[ResolvedPosition, torch.Tensor]:
     """The resolved scheme of case.pos and the (B, N) absolute positions 0..N-1 of every row."""
-    scheme = {"alibi": ALiBi(), "rope": RoPE()}.get(case.pos)
-    position = (scheme.resolve(case.batch, case.heads, case.head_dim, case.seq_len, torch.device(case.device))
-                if scheme is not None else ResolvedPosition(NONE))
+    scheme = {"alibi": ALiBi(), "rope": RoPE()}.get(case.pos, position_scheme(case.pos, case.heads))
+    position = (scheme.resolve(case.batch, case.heads, case.head_dim, case.seq_len, torch.device(case.device),
+                               causal=case.causal)
+                if isinstance(scheme, PositionScheme) else ResolvedPosition(NONE))
     offsets = torch.zeros(case.batch, dtype=torch.int64, device=case.device)
     return position, absolute_positions(offsets, case.seq_len)
 
 
 def _fused(backend: str, case: Case) -> AttentionFn:
-    return lambda q, k, v: fused_attention(q, k, v, pos=case.pos, causal=case.causal, backend=backend)
+    pos = position_scheme(case.pos, case.heads)
+    return lambda q, k, v: fused_attention(q, k, v, pos=pos, causal=case.causal, backend=backend)
 
 
 def _sdpa_floor(case: Case) -> AttentionFn:
@@ -124,19 +139,18 @@ def _sdpa_floor(case: Case) -> AttentionFn:
 
 
 def _sdpa_dense_bias(case: Case) -> AttentionFn:
-    """ALiBi: a (B, H, N, N) float bias with the causal mask merged in, built on every call as models do.
-
-    RoPE: q and k rotated into new tensors, then causal SDPA. "none": plain causal SDPA.
+    """ALiBi / relative: a (B, H, N, N) float bias with the causal mask merged in, built on every call as
+    models do. RoPE: q and k rotated into new tensors, then causal SDPA. "none": plain causal SDPA.
     """
     position, pos_ids = _positions(case)
-    if case.pos == "alibi":
-        def alibi(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if case.pos in ("alibi", "relative"):
+        def biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             bias = position_bias(pos_ids, pos_ids, position, q.dtype)
             if case.causal:
                 bias = bias.masked_fill(~visibility(pos_ids, pos_ids, True, None), float("-inf"))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return alibi
-    if case.pos == "rope":
+        return biased
+    if case.pos.startswith("rope"):
         return lambda q, k, v: F.scaled_dot_product_attention(
             apply_rope(q, pos_ids, position), apply_rope(k, pos_ids, position), v, is_causal=case.causal)
     return _sdpa_floor(case)
@@ -149,18 +163,34 @@ def _alibi_score_mod(slopes: torch.Tensor) -> Callable:
     return score_mod
 
 
+def _relative_score_mod(rel_bias: torch.Tensor, max_distance: int) -> Callable:
+    """flex_attention score_mod adding the relative bias rel_bias[h, side, min(|i - j|, max_distance)]
+    (rel_bias (H, 2, max_distance + 1), side 1 for keys after the query), as the fused kernels index it."""
+    flat = rel_bias.reshape(rel_bias.shape[0], -1)
+
+    def score_mod(score, b, h, i, j):
+        rel = i - j
+        return score + flat[h, torch.where(rel < 0, max_distance + 1, 0) + rel.abs().clamp(max=max_distance)]
+    return score_mod
+
+
 def _flex_attention(case: Case) -> AttentionFn:
-    """Compiled flex_attention: ALiBi as score - slope_h * |i - j|, the causal mask as a block mask."""
+    """Compiled flex_attention: ALiBi as score - slope_h * |i - j|, the relative bias as a table lookup, the
+    causal mask as a block mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if case.pos == "rope":
+    if case.pos.startswith("rope"):
         raise NotImplementedError("a score_mod cannot rotate q and k (RoPE)")
     position, _ = _positions(case)
     block_mask = None
     if case.causal:
         block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, case.seq_len, case.seq_len,
                                        device=case.device)
-    score_mod = _alibi_score_mod(position.slopes.contiguous()) if case.pos == "alibi" else None
+    score_mod = None
+    if case.pos == "alibi":
+        score_mod = _alibi_score_mod(position.slopes.contiguous())
+    elif case.pos == "relative":
+        score_mod = _relative_score_mod(position.rel_bias.detach(), position.max_distance)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
