@@ -24,11 +24,11 @@ registers must fit the 64K register file).
 
 Coverage. One cold compile takes 1-6 s on the 2-core dev machine (rope the slowest; a config that spills
 can take minutes in ptxas); the default matrix keeps `make static-check` well under 5 minutes:
-- default (116 compiles, about 120 s on an idle machine): every config of the three attention
-  kernels (and the preprocess kernel) x HEAD_DIM = BLOCK_D in 64/128/256 x pos none / alibi / rope with
-  full rotary / rope with partial rotary (rotary_dim = D / 2: pass-through tile and second dot) x
-  sm_80/sm_90, fp16.
-- STATIC_CHECK_FULL=1 (366 compiles, about 500 s): adds HEAD_DIM 32 and 80 (non-power-of-two,
+- default (188 compiles, about 200 s on an idle machine, 320 s on a busy one): every config of the three
+  attention kernels (and the preprocess kernel) x HEAD_DIM = BLOCK_D in 64/128/256 x pos none / alibi /
+  rope with full rotary / rope with partial rotary (rotary_dim = D / 2: pass-through tile and second dot)
+  / relative x sm_80/sm_90, fp16.
+- STATIC_CHECK_FULL=1 (366 compiles before the relative scheme was added, about 500 s): adds HEAD_DIM 32 and 80 (non-power-of-two,
   padded to BLOCK_D 128) and bf16 for the forward; writes bench/results/static_check_full.md. Run it
   after changing a kernel or a config list. So far bf16 and HEAD_DIM 80 have matched fp16 and HEAD_DIM
   128 config for config.
@@ -61,7 +61,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # cudaDevAttrMaxSharedMemoryPerBlockOpt
 MAX_REGS = 255
 REGISTER_FILE = 65536
 ARCHS = (80, 90)
-POS_NAMES = {0: "none", 1: "alibi", 2: "rope"}
+POS_NAMES = {0: "none", 1: "alibi", 2: "rope", 3: "relative"}
 PREPROCESS_BLOCK_M = 64  # launch.py launches the preprocess kernel with this fixed tile, default warps/stages
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"  # static_check.md, static_check_full.md
 
@@ -72,11 +72,11 @@ KERNELS = {
     "_attn_bwd_dq_kernel": ("backward", "backward_dq_configs"),
     "_attn_bwd_preprocess_kernel": ("backward", None),
 }
-FP32_POINTERS = {"Lse", "Delta", "Slopes", "InvFreq"}
+FP32_POINTERS = {"Lse", "Delta", "Slopes", "InvFreq", "RelBias", "DRelBias"}
 I64_POINTERS = {"QOffset", "KOffset"}
 FP32_SCALARS = {"sm_scale", "attention_factor"}
 UNIT_STRIDES = {"stride_sh"}  # slopes (B, Hq) contiguous; every stride_*d is a head-dim stride
-UNALIGNED_STRIDES = {"stride_sb"}  # = Hq, any value
+UNALIGNED_STRIDES = {"stride_sb", "stride_rh"}  # Hq and 2 * (max_distance + 1): any value
 
 
 def _tools():
@@ -204,12 +204,13 @@ def _compile_one(job: dict) -> dict:
 
 def _config_shapes(kernel: str, block_d: int, pos):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) of every config launch.py autotunes kernel over for
-    block_d and scheme pos (RoPE has its own lists: config_fn(block_d, rope))."""
+    block_d and scheme pos (some schemes have their own lists: config_fn(block_d, scheme name))."""
     import importlib
     _, config_fn = KERNELS[kernel]
     if config_fn is None:
         return [(PREPROCESS_BLOCK_M, None, 4, None, None)]
-    configs = getattr(importlib.import_module("fused_pos_attn.triton_kernels.configs"), config_fn)(block_d, pos == 2)
+    configs = getattr(importlib.import_module("fused_pos_attn.triton_kernels.configs"), config_fn)(block_d,
+                                                                                                  POS_NAMES[pos])
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, getattr(c, "maxnreg", None))
             for c in configs]
 
@@ -232,17 +233,17 @@ def _jobs(head_dims, schemes, dtypes_for, archs=ARCHS) -> list:
     return jobs
 
 
-NONE, ALIBI, ROPE, ROPE_HALF = (0, None), (1, None), (2, 1.0), (2, 0.5)  # ROPE_HALF: rotary_dim = D / 2
+NONE, ALIBI, ROPE, ROPE_HALF, RELATIVE = (0, None), (1, None), (2, 1.0), (2, 0.5), (3, None)  # ROPE_HALF: r = D/2
 
 
 def _full_matrix() -> list:
-    return _jobs((32, 64, 80, 128, 256), (NONE, ALIBI, ROPE, ROPE_HALF),
+    return _jobs((32, 64, 80, 128, 256), (NONE, ALIBI, ROPE, ROPE_HALF, RELATIVE),
                  lambda kernel: ("fp16", "bf16") if kernel == "_attn_fwd_kernel" else ("fp16",))
 
 
 def _default_matrix() -> list:
-    """fp16, HEAD_DIM = BLOCK_D in 64/128/256, none/alibi/full and half rotary rope, both archs."""
-    return _jobs((64, 128, 256), (NONE, ALIBI, ROPE, ROPE_HALF), lambda kernel: ("fp16",))
+    """fp16, HEAD_DIM = BLOCK_D in 64/128/256, none/alibi/full and half rotary rope/relative, both archs."""
+    return _jobs((64, 128, 256), (NONE, ALIBI, ROPE, ROPE_HALF, RELATIVE), lambda kernel: ("fp16",))
 
 
 def _worker_loop(conn) -> None:

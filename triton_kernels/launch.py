@@ -18,6 +18,7 @@ from .position import POS_ALIBI, POS_NONE, POS_RELATIVE, POS_ROPE
 
 POS_CODES = {"none": POS_NONE.value, "alibi": POS_ALIBI.value, "rope": POS_ROPE.value,
              "relative": POS_RELATIVE.value}
+POS_NAMES = {code: name for name, code in POS_CODES.items()}
 _TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION",
              "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
@@ -47,8 +48,8 @@ def _interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel, block_d: int, rope: bool):
-    return triton.autotune(configs=_CONFIG_LISTS[kernel](block_d, rope), key=_TUNE_KEY)(kernel)
+def _autotuned(kernel, block_d: int, pos: str):
+    return triton.autotune(configs=_CONFIG_LISTS[kernel](block_d, pos), key=_TUNE_KEY)(kernel)
 
 
 def _launch(kernel, grid_fn, args: list, meta: dict) -> None:
@@ -57,7 +58,7 @@ def _launch(kernel, grid_fn, args: list, meta: dict) -> None:
         cfg = INTERPRETER_CONFIG.kwargs
         kernel[grid_fn(cfg)](*args, **meta, **cfg)
     else:
-        _autotuned(kernel, meta["BLOCK_D"], meta["POS"] == POS_ROPE.value)[grid_fn](*args, **meta)
+        _autotuned(kernel, meta["BLOCK_D"], POS_NAMES[meta["POS"]])[grid_fn](*args, **meta)
 
 
 def _tile_widths(position: KernelPosition, head_dim: int) -> dict:
