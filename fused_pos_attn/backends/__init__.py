@@ -21,7 +21,8 @@ def triton_interpreter_enabled() -> bool:
 def select(name: str, q: torch.Tensor) -> Optional[ModuleType]:
     """Backend module for tensors like q, or None for the dense reference.
 
-    auto: Triton for CUDA tensors, the native C++ kernels for CPU tensors.
+    auto: Triton for CUDA tensors, the native C++ kernels for CPU tensors (never the CUDA C++ kernels,
+    which no GPU run has validated yet; backend="cuda" selects them explicitly).
     """
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
@@ -30,8 +31,7 @@ def select(name: str, q: torch.Tensor) -> Optional[ModuleType]:
     if name == "triton" or (name == "auto" and q.is_cuda):
         return _triton_for(q)
     if name == "cuda":
-        raise ValueError("backend='cuda' (the CUDA C++ kernels) is not built in this version of fused_pos_attn; "
-                         "use backend='triton' or 'auto' for CUDA tensors")
+        return _cuda_for(q)
     return _cpu_for(q)
 
 
@@ -44,6 +44,23 @@ def _triton_for(q: torch.Tensor) -> ModuleType:
                          "TRITON_INTERPRET=1 set before import to run the kernels on CPU tensors")
     from . import triton_backend
     return triton_backend
+
+
+def _cuda_for(q: torch.Tensor) -> ModuleType:
+    from . import cuda_backend
+    if not cuda_backend.built_with_cuda():
+        raise ValueError("backend='cuda' (the CUDA C++ kernels) is not built in this installation of fused_pos_attn "
+                         "(it needs a CUDA toolkit and a CUDA build of torch at install time); use backend='triton' "
+                         "or 'auto' for CUDA tensors")
+    if not q.is_cuda:
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got device {q.device}")
+    if q.dtype not in cuda_backend.DTYPES:
+        raise TypeError(f"backend='cuda' supports float16 and bfloat16; got {q.dtype} (use backend='triton' for "
+                        "float32)")
+    if q.shape[-1] not in cuda_backend.HEAD_DIMS:
+        raise ValueError(f"backend='cuda' supports head dim D in {cuda_backend.HEAD_DIMS}, got head dim "
+                         f"D={q.shape[-1]} (use backend='triton' for other head dims)")
+    return cuda_backend
 
 
 def _cpu_for(q: torch.Tensor) -> ModuleType:

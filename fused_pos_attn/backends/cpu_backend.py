@@ -1,5 +1,7 @@
 """Native CPU backend: torch.ops.fused_pos_attn.attention_forward / attention_backward from the C++
-extension (csrc/cpu/), registered for the CPU dispatch key."""
+extension (csrc/cpu/), registered for the CPU dispatch key. The same ops carry the CUDA C++ kernels for
+CUDA tensors when built (cuda_backend.py calls this module with CUDA tensors); `_op_args` is the one place
+their position arguments are built."""
 from __future__ import annotations
 
 import torch

@@ -1,0 +1,61 @@
+// Launcher of the CUDA attention backward (kernels: backward_kernel.cuh): 8 instantiations, the dK / dV
+// kernel per fp16 / bf16 x D 64 / 128, preprocess and dq per dtype.
+#include "cuda/backward_kernel.cuh"
+#include "cuda/launch.h"
+#include "cuda/static_switch.h"
+
+namespace fused_pos_attn::gpu {
+namespace {
+
+// Blocks for a grid-stride loop over `work` items of kThreads each (at most a few waves' worth).
+unsigned grid_stride_blocks(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_backward(const AttentionParams& p, const BackwardArgs& args, const Tensor4& out,
+                            const Tensor4& dq, const BackwardWorkspace& ws, cudaStream_t stream) {
+  using Cfg = BackwardConfig<kHeadDim>;
+  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  cudaError_t err = cudaMemsetAsync(args.dq_accum, 0, sizeof(float) * rows * kHeadDim, stream);
+  if (err == cudaSuccess && p.pos == PosKind::kRelative) {
+    err = cudaMemsetAsync(args.d_rel_bias, 0, sizeof(float) * p.heads_q * 2 * (p.max_distance + 1), stream);
+  }
+  if (err != cudaSuccess) return err;
+
+  attention_backward_preprocess_kernel<T><<<grid_stride_blocks(rows * kWarpSize), kThreads, 0, stream>>>(
+      p, args.grad_out, out, ws.delta);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  constexpr int smem = Cfg::template Layout<T>::bytes;
+  auto* dkdv = attention_backward_dkdv_kernel<T, kHeadDim>;
+  if (smem > 48 * 1024 &&
+      (err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess) {
+    return err;
+  }
+  const dim3 grid(static_cast<unsigned>((p.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
+                  static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+  dkdv<<<grid, kThreads, smem, stream>>>(p, args);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  attention_backward_dq_kernel<T><<<grid_stride_blocks(rows * kHeadDim), kThreads, 0, stream>>>(p, args.dq_accum, dq);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t attention_backward(const AttentionParams& p, DType dtype, const Tensor4& grad_out, const Tensor4& q,
+                               const Tensor4& k, const Tensor4& v, const Tensor4& out, const float* lse,
+                               const Tensor4& dq, const Tensor4& dk, const Tensor4& dv, float* d_rel_bias,
+                               const BackwardWorkspace& ws, cudaStream_t stream) {
+  check_grid(p);
+  const bool vec16 = allows_cp_async(grad_out) && allows_cp_async(q) && allows_cp_async(k) && allows_cp_async(v);
+  const BackwardArgs args{grad_out, q, k, v, dk, dv, lse, ws.delta, ws.dq_accum, d_rel_bias, vec16};
+  return FPA_DTYPE_SWITCH(dtype, T, [&] {
+    return FPA_HEADDIM_SWITCH(p.head_dim, kHeadDim,
+                              [&] { return launch_backward<T, kHeadDim>(p, args, out, dq, ws, stream); });
+  });
+}
+
+}  // namespace fused_pos_attn::gpu

@@ -1,0 +1,355 @@
+// CUDA attention backward kernels (FlashAttention-2), three of them:
+//   1. preprocess: delta = rowsum(dO * O) (fp32), one warp per query row.
+//   2. dK / dV: one block of 4 warps per (64 keys, kv head, batch); each warp owns 16 keys, keeps their dK and
+//      dV in registers and walks every query head of its GQA group and every query tile that can see the
+//      block (tiles that cannot are skipped). Per tile it recomputes S^T = K Q^T and P^T = exp2(S^T - LSE),
+//      then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and adds dS K, the tile's
+//      share of dQ, to an fp32 dq_accum with atomics (FlashAttention-2's choice: no second pass over the keys,
+//      at the price of nondeterministic summation order in dq). The relative table's gradient is dS summed
+//      per distance, also with fp32 atomics (one per warp when the whole warp tile is beyond max_distance).
+//   3. dq: dq = dq_accum * scale, rotated back for RoPE, cast to the input dtype.
+// q and k are rotated in shared memory as their tiles load, so every product runs on rotated q' / k';
+// gradients w.r.t. q' / k' are mapped back with the transposed rotation (dK in this kernel's epilogue, dQ in
+// kernel 3). Scores and LSE are in the log2 domain inside the kernels.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/launch.h"
+#include "cuda/mma.cuh"
+#include "cuda/tile.cuh"
+
+namespace fused_pos_attn::gpu {
+
+template <int kHeadDim>
+struct BackwardConfig {
+  static constexpr int kBlockN = 64;                         // keys per block: 4 warps x 16
+  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;   // query rows per step (registers bound it at D=128)
+  static constexpr int kStride = kHeadDim + 8;               // padded shared row stride of K, V, Q, dO
+  static constexpr int kDsStride = kBlockM + 8;              // padded shared row stride of dS^T (keys x queries)
+  static constexpr int kDkStride = kHeadDim + 4;             // fp32 dK staging row stride (RoPE epilogue)
+  // dQ tile (kBlockM x D) = dS K, split over the 4 warps: kBlockM / 16 row groups x column slices.
+  static constexpr int kDqRowGroups = kBlockM / 16;
+  static constexpr int kDqCols = kHeadDim / (4 / kDqRowGroups);
+  static_assert(4 % kDqRowGroups == 0 && kDqCols % 16 == 0, "dQ work must split evenly over 4 warps");
+
+  // Shared memory, in bytes from the start: K, V (whole block), Q, dO (per query tile), dS^T, then the
+  // query tile's QueryRow entries.
+  template <typename T>
+  struct Layout {
+    static constexpr int kv_tile = kBlockN * kStride * static_cast<int>(sizeof(T));
+    static constexpr int q_tile = kBlockM * kStride * static_cast<int>(sizeof(T));
+    static constexpr int k = 0, v = k + kv_tile, q = v + kv_tile, dout = q + q_tile, ds = dout + q_tile;
+    static constexpr int rows = ds + kBlockN * kDsStride * static_cast<int>(sizeof(T));
+    static constexpr int end = rows + kBlockM * 16;
+    static constexpr int dk_staging = kBlockN * kDkStride * 4;  // aliases everything after the main loop
+    static constexpr int bytes = end > dk_staging ? end : dk_staging;
+  };
+};
+
+// What the dK / dV kernel needs of one query row besides q and dO (one 16-byte shared load).
+struct alignas(16) QueryRow {
+  float lse_log2;           // LSE in log2 units; +inf for a row without visible key, so exp2(s - lse) = 0
+  float delta;              // rowsum(dO * O)
+  int key_first, key_last;  // visible key interval (position.h visible_keys)
+};
+
+struct BackwardArgs {
+  Tensor4 grad_out, q, k, v, dk, dv;
+  const float* lse;    // (B, Hq, Nq), natural log
+  const float* delta;  // (B, Hq, Nq)
+  float* dq_accum;     // (B, Hq, Nq, D)
+  float* d_rel_bias;   // (Hq, 2, max_distance + 1) when relative
+  bool vec16;          // grad_out, q, k, v all allow 16-byte cp.async
+};
+
+// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]: one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_preprocess_kernel(const __grid_constant__ AttentionParams p, const Tensor4 grad_out,
+                                         const Tensor4 out, float* delta) {
+  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarpSize; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * (kThreads / kWarpSize)) {
+    const int64_t i = r % p.seq_q, h = r / p.seq_q % p.heads_q, b = r / (p.seq_q * p.heads_q);
+    const T* d_o = static_cast<const T*>(grad_out.data) + b * grad_out.stride_b + h * grad_out.stride_h +
+                   i * grad_out.stride_n;
+    const T* o = static_cast<const T*>(out.data) + b * out.stride_b + h * out.stride_h + i * out.stride_n;
+    float sum = 0.0f;
+    for (int d = lane; d < p.head_dim; d += kWarpSize) sum += to_float(d_o[d]) * to_float(o[d]);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) delta[r] = sum;
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_dkdv_kernel(const __grid_constant__ AttentionParams p,
+                                   const __grid_constant__ BackwardArgs args) {
+  using Cfg = BackwardConfig<kHeadDim>;
+  using Layout = typename Cfg::template Layout<T>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
+  constexpr int kDsStride = Cfg::kDsStride, kDqCols = Cfg::kDqCols, kDqRowGroups = Cfg::kDqRowGroups;
+  constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim
+  constexpr int kMTiles = kBlockM / 8;    // n8 tiles of S^T (per warp: 16 keys x kBlockM queries)
+  constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of dK, dV (per warp: 16 keys x kHeadDim)
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_k = reinterpret_cast<T*>(smem + Layout::k);
+  T* s_v = reinterpret_cast<T*>(smem + Layout::v);
+  T* s_q = reinterpret_cast<T*>(smem + Layout::q);
+  T* s_do = reinterpret_cast<T*>(smem + Layout::dout);
+  T* s_ds = reinterpret_cast<T*>(smem + Layout::ds);
+  QueryRow* s_rows = reinterpret_cast<QueryRow*>(smem + Layout::rows);
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * kBlockN, kv_h = blockIdx.y, b = blockIdx.z;
+  const int seq_q = static_cast<int>(p.seq_q), seq_k = static_cast<int>(p.seq_k);
+  const int n1 = min(n0 + kBlockN, seq_k);
+  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const int64_t q_off = p.q_offset[b], k_off = p.k_offset[b];
+  const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
+  const bool relative = p.pos == PosKind::kRelative;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+
+  const T* k_head = static_cast<const T*>(args.k.data) + b * args.k.stride_b + kv_h * args.k.stride_h;
+  const T* v_head = static_cast<const T*>(args.v.data) + b * args.v.stride_b + kv_h * args.v.stride_h;
+  load_tile<T, kBlockN, kHeadDim, kStride>(s_k, k_head, args.k.stride_n, n0, seq_k, args.vec16);
+  load_tile<T, kBlockN, kHeadDim, kStride>(s_v, v_head, args.v.stride_n, n0, seq_k, args.vec16);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  if (rope) {
+    rope_rotate_tile<T, kBlockN, kStride>(s_k, k_off + n0, p);
+    __syncthreads();
+  }
+
+  float dk[kDTiles][4] = {}, dv[kDTiles][4] = {};
+  const int key_local[2] = {warp * 16 + g, warp * 16 + g + 8};  // this lane's key rows (C fragment rows)
+
+  for (int h = kv_h * group; h < (kv_h + 1) * group; ++h) {
+    const T* q_head = static_cast<const T*>(args.q.data) + b * args.q.stride_b + h * args.q.stride_h;
+    const T* do_head = static_cast<const T*>(args.grad_out.data) + b * args.grad_out.stride_b +
+                       h * args.grad_out.stride_h;
+    const int64_t row_base = (static_cast<int64_t>(b) * p.heads_q + h) * p.seq_q;  // (b, h) row of lse / delta
+    const float slope_log2 = alibi ? p.slopes[b * p.slope_stride_b + h * p.slope_stride_h] * kLog2e : 0.0f;
+    const float* rel_table = relative ? p.rel_bias + h * 2 * (p.max_distance + 1) : nullptr;
+    float* d_rel_table = relative ? args.d_rel_bias + h * 2 * (p.max_distance + 1) : nullptr;
+
+    for (int m0 = 0; m0 < seq_q; m0 += kBlockM) {
+      // Skip query tiles none of whose rows sees a key of this block (visible intervals are monotone in the row).
+      const int last_row = min(m0 + kBlockM, seq_q) - 1;
+      const KeyInterval first_iv = visible_keys(q_off + m0, k_off, seq_k, p.causal, p.window);
+      const KeyInterval last_iv = visible_keys(q_off + last_row, k_off, seq_k, p.causal, p.window);
+      if (first_iv.first >= n1 || last_iv.last <= n0 || last_iv.last <= first_iv.first) continue;
+
+      load_tile<T, kBlockM, kHeadDim, kStride>(s_q, q_head, args.q.stride_n, m0, seq_q, args.vec16);
+      load_tile<T, kBlockM, kHeadDim, kStride>(s_do, do_head, args.grad_out.stride_n, m0, seq_q, args.vec16);
+      cp_async_commit();
+      if (threadIdx.x < kBlockM) {
+        const int i = m0 + threadIdx.x;
+        const bool valid = i < seq_q;
+        const float lse = valid ? args.lse[row_base + i] : -INFINITY;
+        const KeyInterval iv = valid ? visible_keys(q_off + i, k_off, seq_k, p.causal, p.window) : KeyInterval{0, 0};
+        s_rows[threadIdx.x] = QueryRow{lse == -INFINITY ? INFINITY : lse * kLog2e,
+                                       valid ? args.delta[row_base + i] : 0.0f, static_cast<int>(iv.first),
+                                       static_cast<int>(iv.last)};
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (rope) {
+        rope_rotate_tile<T, kBlockM, kStride>(s_q, q_off + m0, p);
+        __syncthreads();
+      }
+
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x kBlockM queries.
+      float st[kMTiles][4] = {}, dpt[kMTiles][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < kDSteps; ++ks) {
+        uint32_t ka[4], va[4];
+        load_a(ka, s_k, kStride, warp * 16, ks * 16, lane);
+        load_a(va, s_v, kStride, warp * 16, ks * 16, lane);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; mt += 2) {
+          uint32_t qb[4], ob[4];
+          load_b_nk(qb, s_q, kStride, mt * 8, ks * 16, lane);
+          load_b_nk(ob, s_do, kStride, mt * 8, ks * 16, lane);
+          mma_16816<T>(st[mt], ka, qb[0], qb[1]);
+          mma_16816<T>(st[mt + 1], ka, qb[2], qb[3]);
+          mma_16816<T>(dpt[mt], va, ob[0], ob[1]);
+          mma_16816<T>(dpt[mt + 1], va, ob[2], ob[3]);
+        }
+      }
+
+      // P^T (into st) and dS^T = P^T (dP^T - delta) (into dpt). rel = pq - pk, pq - pk of (query m0, key n0)
+      // saturated like position.h's clamp_rel so per-element math stays in int32.
+      const int rel0 = static_cast<int>(clamp_rel(q_off + m0 - (k_off + n0)));
+      // When every (query, key) of the warp tile is max_distance or more apart on one side, all of its dS
+      // goes to one table entry: summed over the warp, one atomic.
+      const int rel_min = rel0 - (warp * 16 + 15), rel_max = rel0 + kBlockM - 1 - warp * 16;
+      const bool rel_uniform = relative && (rel_min >= p.max_distance || rel_max <= -p.max_distance);
+      float ds_sum = 0.0f;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key_local[e / 2], qc = mt * 8 + 2 * t + e % 2;
+          const QueryRow query = s_rows[qc];
+          const int rel = rel0 + qc - key;
+          float bias = 0.0f;
+          if (alibi) {
+            bias = alibi_bias(slope_log2, rel);
+          } else if (relative) {
+            bias = __ldg(rel_table + relative_bias_index(rel, p.max_distance)) * kLog2e;
+          }
+          const bool visible = n0 + key >= query.key_first && n0 + key < query.key_last;
+          const float prob = visible ? exp2f(st[mt][e] * scale_log2 + bias - query.lse_log2) : 0.0f;
+          const float ds = prob * (dpt[mt][e] - query.delta);
+          st[mt][e] = prob;
+          dpt[mt][e] = ds;
+          if (relative) {
+            if (rel_uniform) {
+              ds_sum += ds;
+            } else if (visible) {
+              atomicAdd(d_rel_table + relative_bias_index(rel, p.max_distance), ds);
+            }
+          }
+        }
+      }
+      if (rel_uniform) {
+#pragma unroll
+        for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+          ds_sum += __shfl_xor_sync(0xffffffffu, ds_sum, offset);
+        }
+        if (lane == 0) atomicAdd(d_rel_table + relative_bias_index(rel_min, p.max_distance), ds_sum);
+      }
+
+      // dV += P^T dO and dK += dS^T Q' (k-steps over the tile's queries).
+#pragma unroll
+      for (int ks = 0; ks < kBlockM / 16; ++ks) {
+        uint32_t pa[4], dsa[4];
+        c_to_a<T>(pa, st[2 * ks], st[2 * ks + 1]);
+        c_to_a<T>(dsa, dpt[2 * ks], dpt[2 * ks + 1]);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; dt += 2) {
+          uint32_t ob[4], qb[4];
+          load_b_kn(ob, s_do, kStride, ks * 16, dt * 8, lane);
+          load_b_kn(qb, s_q, kStride, ks * 16, dt * 8, lane);
+          mma_16816<T>(dv[dt], pa, ob[0], ob[1]);
+          mma_16816<T>(dv[dt + 1], pa, ob[2], ob[3]);
+          mma_16816<T>(dk[dt], dsa, qb[0], qb[1]);
+          mma_16816<T>(dk[dt + 1], dsa, qb[2], qb[3]);
+        }
+      }
+
+      // dS^T to shared memory: dQ needs it with queries as rows.
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          *reinterpret_cast<uint32_t*>(s_ds + key_local[rr] * kDsStride + mt * 8 + 2 * t) =
+              pack2<T>(dpt[mt][2 * rr], dpt[mt][2 * rr + 1]);
+        }
+      }
+      __syncthreads();
+
+      // dQ'[m0 + rows] += dS K' for this warp's 16 rows x kDqCols columns, into dq_accum with fp32 atomics.
+      {
+        const int row_group = warp % kDqRowGroups, col0 = (warp / kDqRowGroups) * kDqCols;
+        float dq[kDqCols / 8][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < kBlockN / 16; ++ks) {
+          uint32_t dsa[4];
+          load_a_trans(dsa, s_ds, kDsStride, ks * 16, row_group * 16, lane);
+#pragma unroll
+          for (int dt = 0; dt < kDqCols / 8; dt += 2) {
+            uint32_t kb[4];
+            load_b_kn(kb, s_k, kStride, ks * 16, col0 + dt * 8, lane);
+            mma_16816<T>(dq[dt], dsa, kb[0], kb[1]);
+            mma_16816<T>(dq[dt + 1], dsa, kb[2], kb[3]);
+          }
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int i = m0 + row_group * 16 + g + 8 * rr;
+          if (i >= seq_q) continue;
+          float* dst = args.dq_accum + (row_base + i) * kHeadDim + col0 + 2 * t;
+#pragma unroll
+          for (int dt = 0; dt < kDqCols / 8; ++dt) {
+            atomicAdd(dst + dt * 8, dq[dt][2 * rr]);
+            atomicAdd(dst + dt * 8 + 1, dq[dt][2 * rr + 1]);
+          }
+        }
+      }
+      __syncthreads();  // the next tile overwrites s_q, s_do, s_ds and the row arrays
+    }
+  }
+
+  // Epilogue: dV as is, dK' times scale and, for RoPE, rotated back at the keys' positions.
+  const float scale = static_cast<float>(p.scale);
+  T* dv_head = static_cast<T*>(args.dv.data) + b * args.dv.stride_b + kv_h * args.dv.stride_h;
+  T* dk_head = static_cast<T*>(args.dk.data) + b * args.dk.stride_b + kv_h * args.dk.stride_h;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int key = n0 + key_local[rr];
+    if (key >= seq_k) continue;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const int col = dt * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dv_head + key * args.dv.stride_n + col) =
+          pack2<T>(dv[dt][2 * rr], dv[dt][2 * rr + 1]);
+      if (!rope) {
+        *reinterpret_cast<uint32_t*>(dk_head + key * args.dk.stride_n + col) =
+            pack2<T>(dk[dt][2 * rr] * scale, dk[dt][2 * rr + 1] * scale);
+      }
+    }
+  }
+  if (rope) {  // each column needs its rotation partner: stage dK' (fp32) in shared memory
+    constexpr int kDkStride = Cfg::kDkStride;
+    float* s_dk = reinterpret_cast<float*>(smem);
+    __syncthreads();
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        s_dk[key_local[rr] * kDkStride + dt * 8 + 2 * t] = dk[dt][2 * rr] * scale;
+        s_dk[key_local[rr] * kDkStride + dt * 8 + 2 * t + 1] = dk[dt][2 * rr + 1] * scale;
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kBlockN * kHeadDim; e += kThreads) {
+      const int r = e / kHeadDim, d = e % kHeadDim;
+      if (n0 + r >= seq_k) continue;
+      const float* x = s_dk + r * kDkStride;
+      float value = x[d];
+      if (d < p.rotary_dim) {
+        const RopeColumn col = rope_column(d, p.rotary_dim, p.interleaved);
+        value = rope_rotate_back(value, x[col.partner], col, k_off + n0 + r, p);
+      }
+      dk_head[(n0 + r) * args.dk.stride_n + d] = from_float<T>(value);
+    }
+  }
+}
+
+// dq = dq_accum * scale, rotated back at the queries' positions for RoPE, in the input dtype.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_dq_kernel(const __grid_constant__ AttentionParams p, const float* dq_accum, const Tensor4 dq) {
+  const int64_t head_dim = p.head_dim, total = p.batch * p.heads_q * p.seq_q * head_dim;
+  const float scale = static_cast<float>(p.scale);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t r = e / head_dim, i = r % p.seq_q, h = r / p.seq_q % p.heads_q, b = r / (p.seq_q * p.heads_q);
+    const int d = static_cast<int>(e % head_dim);
+    float value = dq_accum[e] * scale;
+    if (p.pos == PosKind::kRope && d < p.rotary_dim) {
+      const RopeColumn col = rope_column(d, p.rotary_dim, p.interleaved);
+      value = rope_rotate_back(value, dq_accum[r * head_dim + col.partner] * scale, col, p.q_offset[b] + i, p);
+    }
+    static_cast<T*>(dq.data)[b * dq.stride_b + h * dq.stride_h + i * dq.stride_n + d] = from_float<T>(value);
+  }
+}
+
+}  // namespace fused_pos_attn::gpu

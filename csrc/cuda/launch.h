@@ -1,0 +1,47 @@
+// Launchers of the CUDA attention kernels (attention_forward.cu, attention_backward.cu). Torch-free: tensors
+// arrive as raw pointers with element strides, the call's scalars and small vectors as AttentionParams
+// (its pointers are device pointers). Kernels exist for fp16 / bf16 and head dims 64 / 128 (sm_80+);
+// anything else throws std::invalid_argument before a launch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fused_pos_attn/attention_params.h"
+
+namespace fused_pos_attn::gpu {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// A (B, H, N, D) tensor with unit stride along D; strides in elements, any values (a (B, N, H, D) tensor
+// viewed as (B, H, N, D) is read in place). Tiles are copied with 16-byte cp.async when the base pointer is
+// 16-byte aligned and every stride is a multiple of 8 elements, element by element otherwise.
+struct Tensor4 {
+  void* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_n = 0;
+};
+
+constexpr bool supported_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// out (B, Hq, Nq, D) in q's dtype (stride_n and stride_h even, as torch allocates it), lse (B, Hq, Nq) fp32
+// contiguous: natural-log LSE of each row's scores, -inf (and out 0) for a row with no visible key.
+cudaError_t attention_forward(const AttentionParams& p, DType dtype, const Tensor4& q, const Tensor4& k,
+                              const Tensor4& v, const Tensor4& out, float* lse, cudaStream_t stream);
+
+// Scratch of the backward, device memory the caller allocates; the launcher initializes it.
+struct BackwardWorkspace {
+  float* dq_accum = nullptr;  // (B, Hq, Nq, D) fp32: dQ of the rotated q, summed by atomics over key blocks
+  float* delta = nullptr;     // (B, Hq, Nq) fp32: rowsum(dO * O)
+};
+
+// FlashAttention-2 backward: preprocess (delta), one dK/dV kernel per key block that also adds its share of
+// dQ into ws.dq_accum with fp32 atomics, then a kernel turning dq_accum into dq (scale, RoPE rotated back,
+// cast). dk / dv like k / v, dq like q (even stride_n / stride_h). d_rel_bias: (Hq, 2, max_distance + 1) fp32,
+// zeroed here and accumulated with atomics when p.pos is relative (may be null otherwise). lse as forward.
+cudaError_t attention_backward(const AttentionParams& p, DType dtype, const Tensor4& grad_out, const Tensor4& q,
+                               const Tensor4& k, const Tensor4& v, const Tensor4& out, const float* lse,
+                               const Tensor4& dq, const Tensor4& dk, const Tensor4& dv, float* d_rel_bias,
+                               const BackwardWorkspace& ws, cudaStream_t stream);
+
+}  // namespace fused_pos_attn::gpu
