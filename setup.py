@@ -33,7 +33,11 @@ def _extension():
     sources = rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                          glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into this extension; without the flag it runs
+    # serially. The OpenMP runtime it links (libgomp.so.1) resolves to the one torch has already loaded, so
+    # torch.set_num_threads governs it.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec picks its AVX2 kernels only under CPU_CAPABILITY_AVX2; AVX2 + FMA + F16C is the x86 baseline here.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -43,9 +47,10 @@ def _extension():
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         return CUDAExtension("fused_pos_attn._C", sources + cuda_sources, include_dirs=include_dirs,
                              define_macros=[("FUSED_POS_ATTN_WITH_CUDA", None)],
-                             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", *gencode]})
+                             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", *gencode]},
+                             extra_link_args=link_flags)
     return CppExtension("fused_pos_attn._C", sources, include_dirs=include_dirs,
-                        extra_compile_args={"cxx": cxx_flags})
+                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 setup(
