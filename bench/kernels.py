@@ -81,6 +81,8 @@ def environment(device: str, args: argparse.Namespace) -> dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "load average before the run (1 min)": f"{os.getloadavg()[0]:.2f}",
         "config": f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} causal, self-attention",
+        "timing": f"median of {args.repeats} passes over the whole plan, each a median over >= {args.min_time} s "
+                  "of calls",
     }
 
 
@@ -169,13 +171,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--providers", nargs="+", help="default: every provider available on the device")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per measurement")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="run the whole plan this many times; each cell is the median over the runs")
     parser.add_argument("--quick", action="store_true",
                         help="N in {256, 1024}, fwd only, no flex_attention; print the table, write no files")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args(argv)
     seq_lens, max_train, dtype = DEFAULTS[args.device]
     if args.quick:
-        seq_lens, args.modes, args.min_time = (256, 1024), ["fwd"], 0.2
+        seq_lens, args.modes, args.min_time, args.repeats = (256, 1024), ["fwd"], 0.2, 1
     args.seq_lens = args.seq_lens or list(seq_lens)
     args.max_train_seq_len = args.max_train_seq_len or max_train
     args.dtype = args.dtype or dtype
@@ -187,8 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     env = environment(args.device, args)
     results = run_benchmarks(args.providers, args.pos, args.seq_lens, args.modes, args.max_train_seq_len,
-                             args.min_time, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                             dtype=args.dtype, device=args.device)
+                             args.min_time, repeats=args.repeats, batch=args.batch, heads=args.heads,
+                             head_dim=args.head_dim, dtype=args.dtype, device=args.device)
     table = markdown_table(results)
     print(table)
     if args.quick:

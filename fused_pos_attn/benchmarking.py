@@ -422,18 +422,33 @@ def plan(providers: Sequence[str], positions: Sequence[str], seq_lens: Sequence[
 def run_benchmarks(providers: Sequence[str], positions: Sequence[str], seq_lens: Sequence[int],
                    modes: Sequence[str], max_train_seq_len: Optional[int] = None, min_time_s: float = 0.5,
                    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
-                   **case_fields) -> list[Measurement]:
-    """Measure every planned job: in-process on CUDA, each job in a fresh process on CPU."""
-    results: list[Measurement] = []
-    for provider, case, run_modes in plan(providers, positions, seq_lens, modes, max_train_seq_len,
-                                          **case_fields):
-        on_cuda = torch.device(case.device).type == "cuda"
-        measure = measure_case if on_cuda else measure_case_subprocess
-        for m in measure(provider, case, run_modes, min_time_s):
-            state = f"skipped ({m.skipped})" if m.skipped else f"{m.median_ms:.3f} ms, {m.peak_mib:.1f} MiB"
-            log(f"{provider:>16} {case.pos:>5} {m.mode:>7} N={case.seq_len:<6} {state}")
-            results.append(m)
-    return results
+                   repeats: int = 1, **case_fields) -> list[Measurement]:
+    """Measure every planned job: in-process on CUDA, each job in a fresh process on CPU.
+
+    repeats > 1 runs the whole plan that many times and reports, per (provider, case, mode), the median of
+    the runs' median times and peaks: the compared providers are then measured at several moments, so a
+    slow spell of a shared machine hits all of them instead of one cell.
+    """
+    runs: dict[tuple, list[Measurement]] = {}
+    jobs = plan(providers, positions, seq_lens, modes, max_train_seq_len, **case_fields)
+    for repeat in range(repeats):
+        for provider, case, run_modes in jobs:
+            on_cuda = torch.device(case.device).type == "cuda"
+            measure = measure_case if on_cuda else measure_case_subprocess
+            for m in measure(provider, case, run_modes, min_time_s):
+                state = f"skipped ({m.skipped})" if m.skipped else f"{m.median_ms:.3f} ms, {m.peak_mib:.1f} MiB"
+                log(f"[{repeat + 1}/{repeats}] {provider:>16} {case.pos:>9} {m.mode:>7} N={case.seq_len:<6} {state}")
+                runs.setdefault((provider, case, m.mode), []).append(m)
+    return [_median_measurement(ms) for ms in runs.values()]
+
+
+def _median_measurement(runs: Sequence[Measurement]) -> Measurement:
+    """One Measurement from repeated runs of the same job: median time and peak, skipped if any run was."""
+    skipped = next((m.skipped for m in runs if m.skipped), "")
+    if skipped:
+        return Measurement(runs[0].provider, runs[0].case, runs[0].mode, math.nan, math.nan, skipped)
+    return Measurement(runs[0].provider, runs[0].case, runs[0].mode, statistics.median(m.median_ms for m in runs),
+                       statistics.median(m.peak_mib for m in runs))
 
 
 def floor_ms(results: Sequence[Measurement], mode: str, seq_len: int) -> float:

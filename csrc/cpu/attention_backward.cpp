@@ -21,12 +21,13 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   // (B, Hq, 2 * (max_distance + 1)) per-batch partial sums of the relative table's gradient.
   std::vector<acc_t> d_rel_partial(relative ? p.batch * p.heads_q * p.rel_bias_stride_h() : 0, acc_t(0));
   RopeTables<acc_t> rope_q, rope_k;
+  const RopeTables<acc_t>* q_rope = nullptr;
+  const RopeTables<acc_t>* k_rope = nullptr;  // q's table in self-attention
   if (rope) {
-    rope_q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
-    rope_k = make_rope_tables<acc_t>(p, p.k_offset, p.seq_k);
+    const bool shared = make_qk_rope_tables(p, rope_q, rope_k);
+    q_rope = &rope_q;
+    k_rope = shared ? &rope_q : &rope_k;
   }
-  const RopeTables<acc_t>* q_rope = rope ? &rope_q : nullptr;
-  const RopeTables<acc_t>* k_rope = rope ? &rope_k : nullptr;
   const RopeTables<acc_t>* no_rope = nullptr;
   const auto qv = view4<const scalar_t>(q), kv = view4<const scalar_t>(k), vv = view4<const scalar_t>(v);
   const auto ov = view4<const scalar_t>(out), dov = view4<const scalar_t>(grad_out);

@@ -17,9 +17,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
   const bool relative = p.pos == PosKind::kRelative;
   RopeTables<acc_t> rope_q, rope_k;
+  const RopeTables<acc_t>* q_rope = nullptr;
+  const RopeTables<acc_t>* k_rope = nullptr;  // q's table in self-attention
   if (rope) {
-    rope_q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
-    rope_k = make_rope_tables<acc_t>(p, p.k_offset, p.seq_k);
+    const bool shared = make_qk_rope_tables(p, rope_q, rope_k);
+    q_rope = &rope_q;
+    k_rope = shared ? &rope_q : &rope_k;
   }
   const auto qv = view4<const scalar_t>(q), kv = view4<const scalar_t>(k), vv = view4<const scalar_t>(v);
   const auto ov = view4<scalar_t>(out);
@@ -38,8 +41,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t kv_h = h / p.group(), i0 = task % num_q_blocks * block_m;
       const int64_t rows = std::min(block_m, p.seq_q - i0);
       const acc_t slope = alibi ? static_cast<acc_t>(p.slope(b, h)) : acc_t(0);
-      pack_rows(qv, b, h, i0, rows, D, static_cast<acc_t>(p.scale), rope ? &rope_q : nullptr, p.interleaved,
-                q_tile.data());
+      pack_rows(qv, b, h, i0, rows, D, static_cast<acc_t>(p.scale), q_rope, p.interleaved, q_tile.data());
       visible_intervals(p, b, i0, rows, intervals);
       std::fill(row_max_v.begin(), row_max_v.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
@@ -47,8 +49,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
       for (int64_t n0 = intervals.lo; n0 < intervals.hi; n0 += block_n) {
         const int64_t cols = std::min(block_n, intervals.hi - n0);
-        const auto [k_ptr, ldk] = gemm_rows(kv, k_in_place, b, kv_h, n0, cols, D, rope ? &rope_k : nullptr,
-                                            p.interleaved, k_tile.data());
+        const auto [k_ptr, ldk] = gemm_rows(kv, k_in_place, b, kv_h, n0, cols, D, k_rope, p.interleaved,
+                                            k_tile.data());
         gemm<acc_t>(false, true, rows, cols, D, acc_t(1), q_tile.data(), D, k_ptr, ldk, acc_t(0), scores.data(), cols);
 
         for (int64_t r = 0; r < rows; ++r) {

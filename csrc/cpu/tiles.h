@@ -35,15 +35,15 @@ View4<T> view4(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// RoPE cos and signed sin (attention factor folded in) for rows at positions offset[b] + n, laid out
-// (B, N, rotary_dim): row (b, n) rotates as x'[d] = x[d] * cos[d] + x[partner(d)] * sin[d].
+// RoPE cos and sin of every rotation pair (attention factor folded in) for rows at positions
+// offset[b] + n, laid out (B, N, rotary_dim / 2): half the size of per-column tables.
 template <typename acc_t>
 struct RopeTables {
   std::vector<acc_t> cos, sin;
   int64_t seq = 0;
   int rotary_dim = 0;
-  const acc_t* cos_row(int64_t b, int64_t n) const { return cos.data() + (b * seq + n) * rotary_dim; }
-  const acc_t* sin_row(int64_t b, int64_t n) const { return sin.data() + (b * seq + n) * rotary_dim; }
+  const acc_t* cos_row(int64_t b, int64_t n) const { return cos.data() + (b * seq + n) * (rotary_dim / 2); }
+  const acc_t* sin_row(int64_t b, int64_t n) const { return sin.data() + (b * seq + n) * (rotary_dim / 2); }
 };
 
 template <typename acc_t>
@@ -51,39 +51,48 @@ RopeTables<acc_t> make_rope_tables(const AttentionParams& p, const int64_t* offs
   RopeTables<acc_t> t;
   t.seq = seq;
   t.rotary_dim = p.rotary_dim;
-  const int r = p.rotary_dim;
-  t.cos.resize(p.batch * seq * r);
-  t.sin.resize(p.batch * seq * r);
+  const int pairs = p.rotary_dim / 2;
+  t.cos.resize(p.batch * seq * pairs);
+  t.sin.resize(p.batch * seq * pairs);
   at::parallel_for(0, p.batch * seq, 64, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t pos = offset[idx / seq] + idx % seq;
-      for (int d = 0; d < r; ++d) {
-        const RopeColumn col = rope_column(d, r, p.interleaved);
-        const double angle = rope_angle(pos, p.inv_freq[col.freq_index]);
-        t.cos[idx * r + d] = static_cast<acc_t>(p.attention_factor * std::cos(angle));
-        t.sin[idx * r + d] = static_cast<acc_t>(p.attention_factor * col.sign * std::sin(angle));
+      for (int pair = 0; pair < pairs; ++pair) {
+        const double angle = rope_angle(pos, p.inv_freq[pair]);
+        t.cos[idx * pairs + pair] = static_cast<acc_t>(p.attention_factor * std::cos(angle));
+        t.sin[idx * pairs + pair] = static_cast<acc_t>(p.attention_factor * std::sin(angle));
       }
     }
   });
   return t;
 }
 
-// Rotate the first rotary_dim entries of row x in place; TRANSPOSED applies the inverse rotation
-// (angle -> -angle), which maps gradients w.r.t. rotated rows back to the original rows.
+// Builds the q and k tables of a call into q and k; returns true when k shares q's table (same offsets
+// and lengths, as in self-attention), in which case k is left empty.
+template <typename acc_t>
+bool make_qk_rope_tables(const AttentionParams& p, RopeTables<acc_t>& q, RopeTables<acc_t>& k) {
+  q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
+  const bool shared = p.seq_q == p.seq_k && std::equal(p.q_offset, p.q_offset + p.batch, p.k_offset);
+  if (!shared) k = make_rope_tables<acc_t>(p, p.k_offset, p.seq_k);
+  return shared;
+}
+
+// Rotate the first rotary_dim entries of row x in place (cos, sin: rotary_dim / 2 per-pair values);
+// TRANSPOSED applies the inverse rotation (angle -> -angle), which maps gradients w.r.t. rotated rows
+// back to the original rows. Pairs are (d, d + r/2) (rotate-half) or (2p, 2p + 1) (interleaved), as
+// position.h's rope_column defines them: x'[first] = x[first] c - x[second] s, x'[second] = x[second] c +
+// x[first] s.
 template <bool TRANSPOSED, typename acc_t>
 void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bool interleaved) {
-  acc_t original[512];  // rotary_dim <= D <= 256 (checked before any kernel runs)
-  std::copy(x, x + rotary_dim, original);
-  const acc_t sign = TRANSPOSED ? acc_t(-1) : acc_t(1);
-  if (interleaved) {
-    for (int d = 0; d < rotary_dim; d += 2) {
-      x[d] = original[d] * cos[d] + sign * original[d + 1] * sin[d];
-      x[d + 1] = original[d + 1] * cos[d + 1] + sign * original[d] * sin[d + 1];
-    }
-  } else {
-    const int half = rotary_dim / 2;
-    for (int d = 0; d < half; ++d) x[d] = original[d] * cos[d] + sign * original[d + half] * sin[d];
-    for (int d = half; d < rotary_dim; ++d) x[d] = original[d] * cos[d] + sign * original[d - half] * sin[d];
+  const int pairs = rotary_dim / 2;
+  const int stride = interleaved ? 2 : 1;            // distance between the first members of two pairs
+  const int partner = interleaved ? 1 : pairs;       // offset of a pair's second member from its first
+  for (int pair = 0; pair < pairs; ++pair) {
+    acc_t* first = x + pair * stride;
+    const acc_t a = first[0], b = first[partner];
+    const acc_t s = TRANSPOSED ? -sin[pair] : sin[pair];
+    first[0] = a * cos[pair] - b * s;
+    first[partner] = b * cos[pair] + a * s;
   }
 }
 
