@@ -160,19 +160,48 @@ void add_alibi_bias(acc_t* s, int64_t lo, int64_t hi, acc_t slope, int64_t rel0)
   for (; j < hi; ++j) s[j] += -slope * std::abs(base - static_cast<acc_t>(j));
 }
 
-// s[j] += rel_bias_h[relative_bias_index(rel0 - j)] for j in [lo, hi): the relative bias of a score row
-// whose column 0 sits at rel0 = pq(i) - pk(n0); rel_bias_h is one head's (2, max_distance + 1) table.
+// A score row's columns [lo, hi) split by the relative bias table's three parts: rel = rel0 - j runs down
+// from rel0 = pq(i) - pk(n0), and the table is constant for rel >= max_distance (columns [lo, near_lo)) and
+// for rel <= -max_distance ([near_hi, hi)); only the band between has per-distance entries.
+struct RelativeBands {
+  int64_t near_lo, near_hi;
+};
+
+inline RelativeBands relative_bands(int64_t lo, int64_t hi, int64_t max_distance, int64_t rel0) {
+  const int64_t rel = clamp_rel(rel0);  // keeps the band arithmetic in range; a clamped row is all far
+  return {std::clamp(rel - max_distance + 1, lo, hi), std::clamp(rel + max_distance, lo, hi)};
+}
+
+// s[j] += rel_bias_h[relative_bias_index(rel0 - j)] for j in [lo, hi): the relative bias of a score row;
+// rel_bias_h is one head's (2, max_distance + 1) table.
 template <typename acc_t>
 void add_relative_bias(acc_t* s, int64_t lo, int64_t hi, const float* rel_bias_h, int64_t max_distance,
                        int64_t rel0) {
-  for (int64_t j = lo; j < hi; ++j) s[j] += static_cast<acc_t>(rel_bias_h[relative_bias_index(rel0 - j, max_distance)]);
+  const RelativeBands band = relative_bands(lo, hi, max_distance, rel0);
+  const acc_t before = rel_bias_h[relative_bias_index(max_distance, max_distance)];
+  const acc_t after = rel_bias_h[relative_bias_index(-max_distance, max_distance)];
+  for (int64_t j = lo; j < band.near_lo; ++j) s[j] += before;
+  for (int64_t j = band.near_lo; j < band.near_hi; ++j) {
+    s[j] += static_cast<acc_t>(rel_bias_h[relative_bias_index(rel0 - j, max_distance)]);
+  }
+  for (int64_t j = band.near_hi; j < hi; ++j) s[j] += after;
 }
 
 // d_rel_bias_h[relative_bias_index(rel0 - j)] += ds[j] for j in [lo, hi): the relative table's gradient.
 template <typename acc_t>
 void accumulate_relative_grad(const acc_t* ds, int64_t lo, int64_t hi, acc_t* d_rel_bias_h, int64_t max_distance,
                               int64_t rel0) {
-  for (int64_t j = lo; j < hi; ++j) d_rel_bias_h[relative_bias_index(rel0 - j, max_distance)] += ds[j];
+  const RelativeBands band = relative_bands(lo, hi, max_distance, rel0);
+  const auto sum = [ds](int64_t begin, int64_t end) {
+    return end > begin ? at::vec::reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, ds + begin,
+                                                    end - begin)
+                       : acc_t(0);
+  };
+  d_rel_bias_h[relative_bias_index(max_distance, max_distance)] += sum(lo, band.near_lo);
+  for (int64_t j = band.near_lo; j < band.near_hi; ++j) {
+    d_rel_bias_h[relative_bias_index(rel0 - j, max_distance)] += ds[j];
+  }
+  d_rel_bias_h[relative_bias_index(-max_distance, max_distance)] += sum(band.near_hi, hi);
 }
 
 template <typename acc_t>
