@@ -7,10 +7,13 @@ import torch
 
 from .attention import fused_attention
 from .backends import triton_interpreter_enabled
-from .positions import RoPE
+from .positions import RelativeBias, RoPE
+from .rope_scaling import YaRN
 
-SCHEMES = {"none": "none", "alibi": "alibi", "rope": "rope", "rope (interleaved, partial)":
-           RoPE(rotary_dim=8, interleaved=True)}
+SCHEMES = {"none": "none", "alibi": "alibi", "rope": "rope",
+           "rope (interleaved, partial)": RoPE(rotary_dim=8, interleaved=True),
+           "rope (YaRN x4)": RoPE(scaling=YaRN(4.0, original_max_len=16)),
+           "relative (T5)": RelativeBias(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)))}
 
 
 @dataclass
