@@ -4,7 +4,7 @@ PY ?= python
 PIP := $(PY) -m pip install -q
 TORCH_PIN := torch==2.13.0
 TRITON_PIN := triton==3.9.0
-PY_DEPS := ninja numpy pytest hypothesis pytest-benchmark matplotlib psutil transformers==5.23.0
+PY_DEPS := ninja numpy pytest hypothesis pytest-benchmark matplotlib psutil tqdm transformers==5.23.0
 DEPS_STAMP := build/.deps
 BUILD_STAMP := build/.installed
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h \

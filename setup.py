@@ -57,7 +57,8 @@ setup(
     name="fused_pos_attn",
     version="0.1.0",
     description="FlashAttention-style attention with ALiBi / RoPE / relative positions fused into the kernel",
-    packages=["fused_pos_attn", "fused_pos_attn.backends", "fused_pos_attn.triton_kernels"],
+    packages=["fused_pos_attn", "fused_pos_attn.backends", "fused_pos_attn.models", "fused_pos_attn.experiments",
+              "fused_pos_attn.triton_kernels"],
     package_dir={"fused_pos_attn.triton_kernels": "triton_kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
@@ -65,6 +66,7 @@ setup(
         "triton": ["triton>=3.3"],
         "test": ["pytest", "hypothesis", "transformers>=5.0"],  # transformers: oracle of the RoPE/ALiBi tests
         "bench": ["pytest-benchmark", "matplotlib", "psutil"],
+        "experiments": ["matplotlib", "tqdm"],  # python -m fused_pos_attn extrapolate | claims | passkey | latency
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
