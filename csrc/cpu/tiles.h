@@ -15,6 +15,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <sleef.h>  // libtorch_cpu exports SLEEF: the same vector cos/sin torch.cos / torch.sin use
+#endif
+
 #include "fused_pos_attn/attention_params.h"
 
 namespace fused_pos_attn::cpu {
@@ -46,6 +50,23 @@ struct RopeTables {
   const acc_t* sin_row(int64_t b, int64_t n) const { return sin.data() + (b * seq + n) * (rotary_dim / 2); }
 };
 
+// cos and sin of fp32 angles x[0, n), as torch computes them for fp32 tensors (SLEEF's 1-ULP vector
+// functions on AVX2): a decode step rotates every cached key, so these dominate its table cost.
+inline void cos_sin_fp32(const float* x, int64_t n, float* cos_out, float* sin_out) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(cos_out + i, Sleef_cosf8_u10(v));
+    _mm256_storeu_ps(sin_out + i, Sleef_sinf8_u10(v));
+  }
+#endif
+  for (; i < n; ++i) {
+    cos_out[i] = std::cos(x[i]);
+    sin_out[i] = std::sin(x[i]);
+  }
+}
+
 template <typename acc_t>
 RopeTables<acc_t> make_rope_tables(const AttentionParams& p, const int64_t* offset, int64_t seq) {
   RopeTables<acc_t> t;
@@ -55,12 +76,24 @@ RopeTables<acc_t> make_rope_tables(const AttentionParams& p, const int64_t* offs
   t.cos.resize(p.batch * seq * pairs);
   t.sin.resize(p.batch * seq * pairs);
   at::parallel_for(0, p.batch * seq, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> angle(pairs), cos_f(pairs), sin_f(pairs);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t pos = offset[idx / seq] + idx % seq;
-      for (int pair = 0; pair < pairs; ++pair) {
-        const double angle = rope_angle(pos, p.inv_freq[pair]);
-        t.cos[idx * pairs + pair] = static_cast<acc_t>(p.attention_factor * std::cos(angle));
-        t.sin[idx * pairs + pair] = static_cast<acc_t>(p.attention_factor * std::sin(angle));
+      for (int pair = 0; pair < pairs; ++pair) angle[pair] = rope_angle(pos, p.inv_freq[pair]);
+      acc_t* cos_row = t.cos.data() + idx * pairs;
+      acc_t* sin_row = t.sin.data() + idx * pairs;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        cos_sin_fp32(angle.data(), pairs, cos_f.data(), sin_f.data());
+        const float factor = static_cast<float>(p.attention_factor);
+        for (int pair = 0; pair < pairs; ++pair) {
+          cos_row[pair] = cos_f[pair] * factor;
+          sin_row[pair] = sin_f[pair] * factor;
+        }
+      } else {  // fp64 (gradcheck): cos / sin of the fp32 angle in double
+        for (int pair = 0; pair < pairs; ++pair) {
+          cos_row[pair] = static_cast<acc_t>(p.attention_factor * std::cos(static_cast<double>(angle[pair])));
+          sin_row[pair] = static_cast<acc_t>(p.attention_factor * std::sin(static_cast<double>(angle[pair])));
+        }
       }
     }
   });
@@ -87,7 +120,17 @@ void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bo
   const int pairs = rotary_dim / 2;
   const int stride = interleaved ? 2 : 1;            // distance between the first members of two pairs
   const int partner = interleaved ? 1 : pairs;       // offset of a pair's second member from its first
-  for (int pair = 0; pair < pairs; ++pair) {
+  int pair = 0;
+  if (!interleaved) {  // rotate-half: the two members of consecutive pairs are contiguous runs
+    using V = at::vec::Vectorized<acc_t>;
+    for (; pair + V::size() <= pairs; pair += V::size()) {
+      const V a = V::loadu(x + pair), b = V::loadu(x + pair + pairs), c = V::loadu(cos + pair);
+      const V s = TRANSPOSED ? V(acc_t(0)) - V::loadu(sin + pair) : V::loadu(sin + pair);
+      (a * c - b * s).store(x + pair);
+      (b * c + a * s).store(x + pair + pairs);
+    }
+  }
+  for (; pair < pairs; ++pair) {
     acc_t* first = x + pair * stride;
     const acc_t a = first[0], b = first[partner];
     const acc_t s = TRANSPOSED ? -sin[pair] : sin[pair];
@@ -104,7 +147,11 @@ void pack_rows(const View4<const scalar_t>& src, int64_t b, int64_t h, int64_t n
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* x = src.row(b, h, n0 + i);
     acc_t* y = dst + i * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) y[d] = static_cast<acc_t>(x[d * src.stride_d]) * mult;
+    if (src.stride_d == 1) {  // the common layout: a unit-stride loop the compiler vectorizes
+      for (int64_t d = 0; d < head_dim; ++d) y[d] = static_cast<acc_t>(x[d]) * mult;
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) y[d] = static_cast<acc_t>(x[d * src.stride_d]) * mult;
+    }
     if (rope) rotate_row<false>(y, rope->cos_row(b, n0 + i), rope->sin_row(b, n0 + i), rope->rotary_dim, interleaved);
   }
 }
