@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 import torch
 
 import fused_pos_attn
-from fused_pos_attn.benchmarking import (FLOOR, MODES, POSITIONS, REFERENCE_PROVIDER, Measurement, floor_ms,
-                                         markdown_table, provider_names, run_benchmarks)
+from fused_pos_attn.benchmarking import (FLOOR, MODES, POSITIONS, REFERENCE_PROVIDER, Measurement, device_name,
+                                         floor_ms, markdown_table, provider_names, run_benchmarks)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULTS = {  # device type -> (seq lens, longest N for the backward modes, dtype)
@@ -32,20 +32,6 @@ DEFAULTS = {  # device type -> (seq lens, longest N for the backward modes, dtyp
 }
 CSV_FIELDS = ("device", "provider", "pos", "mode", "batch", "heads", "seq_len", "head_dim", "dtype", "causal",
               "median_ms", "ratio_to_floor", "peak_mib", "skipped")
-
-
-def device_name(device: str) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def slug(text: str) -> str:

@@ -51,7 +51,9 @@ def check(args: argparse.Namespace) -> int:
 
 
 def _experiment_device(args: argparse.Namespace) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .experiments.common import default_device
+
+    return args.device or default_device()
 
 
 def _finish(name: str, begin: float, markdown: str, path) -> int:

@@ -26,6 +26,7 @@ import ctypes.util
 import gc
 import math
 import multiprocessing
+import platform
 import statistics
 import sys
 import time
@@ -82,6 +83,20 @@ class Measurement:
     median_ms: float
     peak_mib: float
     skipped: str = ""
+
+
+def device_name(device: str) -> str:
+    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------- providers
@@ -255,7 +270,7 @@ def _elapsed_ms(step: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
     """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB."""
     with open("/proc/self/status") as status:
         for line in status:
@@ -302,7 +317,7 @@ def start_peak_memory(device: str) -> Optional[int]:
         return torch.cuda.memory_allocated(device)
     if not reset_peak_rss():
         return None
-    return _proc_status_kib("VmRSS") * 1024
+    return proc_status_kib("VmRSS") * 1024
 
 
 def peak_memory_since(device: str, base: Optional[int]) -> float:
@@ -312,7 +327,7 @@ def peak_memory_since(device: str, base: Optional[int]) -> float:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
-    return float(_proc_status_kib("VmHWM") * 1024 - base)
+    return float(proc_status_kib("VmHWM") * 1024 - base)
 
 
 def time_step(step: Callable[[], object], device: str, min_time_s: float = 0.5, max_time_s: float = 10.0,
@@ -360,42 +375,57 @@ def _measure_mode(fn: AttentionFn, case: Case, mode: str, min_time_s: float) -> 
     return time_step(make_step(fn, mode, make_inputs(case, requires_grad=mode != "fwd")), case.device, min_time_s)
 
 
-def _measure_case_child(conn: Connection, provider: str, case: Case, modes: Sequence[str], min_time_s: float) -> None:
-    """Entry point of the fresh process: measure, send the Measurements (or the error text) back."""
-    fix_malloc_thresholds()
+def _fresh_child(conn: Connection, fn: Callable[..., object], args: tuple) -> None:
+    """Entry point of a fresh process: run fn(*args), send ("ok", result) or ("error", text) back."""
     try:
-        conn.send(measure_case(provider, case, modes, min_time_s))
+        conn.send(("ok", fn(*args)))
     except BaseException as err:  # noqa: BLE001  the parent re-raises it with the child's message
-        conn.send(f"{type(err).__name__}: {err}")
+        conn.send(("error", f"{type(err).__name__}: {err}"))
     finally:
         conn.close()
 
 
-def _process_context() -> multiprocessing.context.BaseContext:
-    """forkserver (torch and this module imported once, then forked fresh per case) or spawn elsewhere."""
+def _process_context(preload: Sequence[str]) -> multiprocessing.context.BaseContext:
+    """forkserver (the preload modules imported once in the server, each run forked fresh from it) or spawn
+    elsewhere. The first call starts the server, so its preload list is the one that counts."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, *preload])
         return ctx
     return multiprocessing.get_context("spawn")
+
+
+def run_in_fresh_process(fn: Callable[..., object], *args: object, preload: Sequence[str] = ()) -> object:
+    """fn(*args) in a fresh process, so that its peak RSS is its own; fn and args must be picklable.
+
+    Raises RuntimeError with the child's error (or its exit code when it died without one).
+    """
+    ctx = _process_context(preload)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_fresh_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        status, payload = "error", "no result (the process died)"
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)}{args} failed in its subprocess (exit code "
+                           f"{proc.exitcode}): {payload}")
+    return payload
+
+
+def _measure_case_fixed_malloc(provider: str, case: Case, modes: Sequence[str], min_time_s: float) -> list:
+    """measure_case with glibc's mmap thresholds fixed first (see fix_malloc_thresholds)."""
+    fix_malloc_thresholds()
+    return measure_case(provider, case, modes, min_time_s)
 
 
 def measure_case_subprocess(provider: str, case: Case, modes: Sequence[str],
                             min_time_s: float = 0.5) -> list[Measurement]:
     """measure_case in a fresh process, so that its peak RSS belongs to this provider and case alone."""
-    ctx = _process_context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_case_child, args=(child, provider, case, tuple(modes), min_time_s))
-    proc.start()
-    child.close()
-    try:
-        payload = parent.recv()
-    except EOFError:
-        payload = None
-    proc.join()
-    if isinstance(payload, list):
-        return payload
-    raise RuntimeError(f"{provider} on {case} failed in its subprocess (exit code {proc.exitcode}): {payload}")
+    return run_in_fresh_process(_measure_case_fixed_malloc, provider, case, tuple(modes), min_time_s)
 
 
 # -------------------------------------------------------------------------------------------- the matrix

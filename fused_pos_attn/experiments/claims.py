@@ -20,7 +20,7 @@ import torch
 
 from ..models import BatchSampler, ModelConfig, TransformerLM, load_corpus
 from .common import (TrainSettings, evaluate_perplexity, markdown_table, peak_rss_mib, results_header,
-                     run_in_fresh_process, seed_everything, suffix, train, trim_heap, write_csv)
+                     run_in_fresh_process, seed_everything, suffix, train, trim_heap, with_overrides, write_csv)
 
 MIB = 1024 * 1024
 WARMUP_STEPS = 5  # steps left out of tokens/s
@@ -166,7 +166,7 @@ class ClaimsConfig:
         if torch.device(device).type == "cuda":
             base = replace(base, train_len=512, d_model=384, num_layers=6, num_heads=6, steps=3000, batch_size=32,
                            lr=1e-3, eval_tokens=262144)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        return with_overrides(base, overrides)
 
     def spec(self, name: str, scheme: str, train_len: int, batch_size: int, steps: int, attention: str = "fused",
              eval_len: Optional[int] = None) -> RunSpec:

@@ -8,18 +8,19 @@ from __future__ import annotations
 import csv
 import datetime
 import math
-import multiprocessing
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .. import benchmarking
+from ..benchmarking import device_name
 from ..models import TransformerLM, eval_windows, sliding_windows
 
 try:
@@ -56,18 +57,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_name(device: str) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def with_overrides(config, overrides: dict):
+    """config (a dataclass) with the overrides that are not None applied: command-line options left unset
+    keep the device defaults."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def results_header(title: str, device: str, command: str, extra: Sequence[str] = ()) -> str:
@@ -258,41 +251,14 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------- fresh-process runs
 
-def _process_context() -> multiprocessing.context.BaseContext:
-    """forkserver (torch imported once in the server, each run forked fresh from it) or spawn elsewhere."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        # torch._dynamo: the optimizers' first step imports it (with sympy), ~1.5 s per fresh process otherwise
-        ctx.set_forkserver_preload(["torch", "torch._dynamo", "fused_pos_attn.backends.cpu_backend", __name__])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-def _child(conn, fn: Callable[..., Any], args: tuple) -> None:
-    try:
-        conn.send(("ok", fn(*args)))
-    except BaseException as err:  # noqa: BLE001  the parent re-raises with the child's message
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-    finally:
-        conn.close()
+# torch._dynamo: the optimizers' first step imports it (with sympy), ~1.5 s per fresh process otherwise.
+FRESH_PROCESS_PRELOAD = ("torch", "torch._dynamo", "fused_pos_attn.backends.cpu_backend", __name__)
 
 
 def run_in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a fresh process (so its peak RSS is its own); fn and args must be picklable."""
-    ctx = _process_context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args))
-    proc.start()
-    child.close()
-    try:
-        status, payload = parent.recv()
-    except EOFError:
-        status, payload = "error", "no result (the process died)"
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed in its subprocess (exit code {proc.exitcode}): "
-                           f"{payload}")
-    return payload
+    """fn(*args) in a fresh process (so its peak RSS is its own), forked from a server that has the training
+    stack imported; fn and args must be picklable."""
+    return benchmarking.run_in_fresh_process(fn, *args, preload=FRESH_PROCESS_PRELOAD)
 
 
 def trim_heap() -> None:
@@ -313,10 +279,6 @@ def trim_heap() -> None:
 def peak_rss_mib() -> float:
     """This process's peak resident set size (VmHWM) in MiB; NaN where /proc is absent."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return math.nan
+        return benchmarking.proc_status_kib("VmHWM") / 1024
+    except (OSError, RuntimeError):
+        return math.nan

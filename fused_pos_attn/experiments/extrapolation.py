@@ -17,7 +17,7 @@ import torch
 from ..models import (SCHEMES, BatchSampler, ModelConfig, TransformerLM, count_parameters, load_corpus,
                       training_scheme)
 from .common import (TrainLog, TrainSettings, evaluate_perplexity, markdown_table, results_header, seed_everything,
-                     suffix, train, write_csv)
+                     suffix, train, with_overrides, write_csv)
 
 PAPER_NOTE = ("ALiBi paper (WikiText-103, 247M params, L_train=512), ppl at 512 / 1012 / 2512 / 4512 / 10512: "
               "sinusoidal 20.05 / 43.54 / 132.41 / 209.37 / 341.53; rotary 20.07 / 21.37 / 31.58 / 39.15 / 60.77; "
@@ -55,7 +55,7 @@ class ExtrapolationConfig:
         if torch.device(device).type == "cuda":
             base = replace(base, train_len=512, d_model=384, num_layers=6, num_heads=6, steps=3000, batch_size=32,
                            lr=1e-3, eval_tokens=262144)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        return with_overrides(base, overrides)
 
     def eval_lengths(self) -> list[int]:
         return [m * self.train_len for m in self.multiples]

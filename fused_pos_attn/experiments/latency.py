@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 
 from ..models import KVCache, ModelConfig, TransformerLM
-from .common import markdown_table, results_header, seed_everything, suffix, synchronize, tqdm, write_csv
+from .common import (markdown_table, results_header, seed_everything, suffix, synchronize, tqdm, with_overrides,
+                     write_csv)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class LatencyConfig:
         if torch.device(device).type == "cuda":
             base = replace(base, contexts=(1024, 4096, 16384, 65536), d_model=1024, num_layers=8, num_heads=16,
                            steps=50)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        return with_overrides(base, overrides)
 
 
 @dataclass(frozen=True)

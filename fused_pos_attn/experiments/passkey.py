@@ -21,7 +21,7 @@ import torch
 
 from ..models import SCHEMES, ModelConfig, TransformerLM, training_scheme
 from .common import (TrainLog, TrainSettings, markdown_table, results_header, seed_everything, suffix, tqdm, train,
-                     write_csv)
+                     with_overrides, write_csv)
 
 FILLER_TOKENS, DIGIT_BASE, KEY, QUERY = 200, 200, 250, 251
 
@@ -84,7 +84,7 @@ class PasskeyConfig:
         base = cls(device=device)
         if torch.device(device).type == "cuda":
             base = replace(base, train_len=256, d_model=128, num_layers=4, steps=2000, trials=100)
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        return with_overrides(base, overrides)
 
     def lengths(self) -> list[int]:
         return [m * self.train_len for m in self.multiples]
