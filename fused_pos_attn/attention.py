@@ -19,23 +19,30 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class FusedAttentionFunction(torch.autograd.Function):
     """Autograd over a kernel backend: forward keeps (q, k, v, out, lse); backward recomputes scores.
 
-    rel_bias is spec.position.rel_bias (the relative scheme's (Hq, 2, max_distance + 1) distance table, or
-    None), passed as an input so its gradient flows back to the user's bucket table.
+    Both outputs are differentiable: a gradient reaching lse (B, Hq, Nq) enters the kernels' backward as
+    delta = rowsum(dO * O) - dLSE, so partial attentions merged by their LSE train end to end. rel_table is
+    spec.position.rel_table (the relative scheme's (Hq, num_buckets) fp32 bucket table, or None), passed as
+    an input so its gradient flows back to the user's table; the kernels compute it only when it is needed.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, rel_bias, spec: AttentionSpec, backend):
+    def forward(ctx, q, k, v, rel_table, spec: AttentionSpec, backend):
         out, lse = backend.forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.backend = spec, backend
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv, d_rel_bias = ctx.backend.backward(grad_out, q, k, v, out, lse, ctx.spec)
-        return dq, dk, dv, d_rel_bias, None, None
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
+        if grad_lse is not None:
+            grad_lse = grad_lse.to(lse.dtype).contiguous()
+        rel_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, d_rel_table = ctx.backend.backward(grad_out, grad_lse, q, k, v, out, lse, ctx.spec, rel_grad)
+        return dq, dk, dv, d_rel_table, None, None
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionArg = "none", *,
@@ -53,7 +60,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
         q_offset, k_offset: int or (B,) int tensor of absolute start positions. Defaults align the last
             query with the last key: k_offset = 0 and q_offset = k_offset + Nk - Nq.
         return_lse: also return the (B, Hq, Nq) log-sum-exp of each row's scores, fp32 (fp64 for fp64
-            inputs); -inf for a row with no visible key, whose output is 0.
+            inputs); -inf for a row with no visible key, whose output is 0. Differentiable on every backend.
         backend: "auto" | "triton" | "cuda" | "cpu" | "reference".
 
     Returns:
@@ -80,7 +87,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
         out, lse = attention_reference(q, k, v, spec, upcast=False)
         out, lse = out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     else:
-        out, lse = FusedAttentionFunction.apply(q, k, v, position.rel_bias, spec, chosen)
+        out, lse = FusedAttentionFunction.apply(q, k, v, position.rel_table, spec, chosen)
     return (out, lse) if return_lse else out
 
 

@@ -6,6 +6,7 @@ an Nq x Nk bias or a rotated copy of q/k; the math they apply is in ../shared/PO
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -29,8 +30,10 @@ class ResolvedPosition:
     attention_factor: multiplies RoPE cos and sin (so logits scale by its square).
     rel_table: (Hq, num_buckets) fp32 T5 bucket table (may require grad); the reference reads it.
     rel_bias: (Hq, 2, max_distance + 1) fp32 bias by signed distance, the table folded through the buckets
-        (row 0: key at or before the query, row 1: key after it; column min(|pq - pk|, max_distance));
-        the kernels read it and return its gradient.
+        (row 0: key at or before the query, row 1: key after it; column min(|pq - pk|, max_distance)),
+        detached: the kernels read it; gradients flow to rel_table instead.
+    rel_buckets: (2, max_distance + 1) int32, the bucket of each rel_bias entry:
+        rel_bias[h, s, d] == rel_table[h, rel_buckets[s, d]].
     max_distance, bidirectional: T5 bucket parameters.
     """
 
@@ -42,8 +45,21 @@ class ResolvedPosition:
     attention_factor: float = 1.0
     rel_table: Optional[torch.Tensor] = None
     rel_bias: Optional[torch.Tensor] = None
+    rel_buckets: Optional[torch.Tensor] = None
     max_distance: int = 0
     bidirectional: bool = False
+    bucket_runs: Optional["_BucketRuns"] = None  # rel_buckets as runs of distances, for the gradient fold
+
+    @property
+    def num_buckets(self) -> int:
+        """Number of T5 buckets (columns of rel_table); 0 for other schemes."""
+        return 0 if self.rel_table is None else self.rel_table.shape[1]
+
+    def rel_bias_grad_to_table(self, d_rel_bias: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. rel_bias (Hq, 2, max_distance + 1) -> gradient w.r.t. rel_table (Hq, num_buckets)
+        fp32: each bucket sums the distance entries that map to it. Deterministic (a scan and a small
+        matmul, no atomics) and free of host synchronization."""
+        return self.bucket_runs.fold(d_rel_bias)
 
 
 class PositionScheme:
@@ -85,6 +101,37 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+# Per-device copies of the small host-side vectors, so a call on a CUDA device makes no host-to-device copy
+# (and can be captured in a CUDA graph) once the same parameters have been seen on that device.
+@functools.lru_cache(maxsize=64)
+def _default_slopes_on(num_heads: int, device: torch.device) -> torch.Tensor:
+    return alibi_slopes(num_heads).to(device)
+
+
+def _cached_copy(owner, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor as contiguous fp32 on device, copied once per device and in-place version of tensor."""
+    if tensor.device == device and tensor.dtype == torch.float32:
+        return tensor
+    cache = owner.__dict__.setdefault("_device_copies", {})
+    key = (device, tensor.data_ptr(), tensor._version)
+    if key not in cache:
+        cache.clear()
+        cache[key] = tensor.to(device=device, dtype=torch.float32).contiguous()
+    return cache[key]
+
+
+def _cached_frequencies(rope: "RoPE", rotary_dim: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """rope.frequencies for a length-independent RoPE, inv_freq on device, computed once per rotary_dim and
+    device (and version of a user-given inv_freq)."""
+    cache = rope.__dict__.setdefault("_device_frequencies", {})
+    user = rope.inv_freq
+    key = (rotary_dim, device, None if user is None else (user.data_ptr(), user._version))
+    if key not in cache:
+        inv_freq, factor = rope.frequencies(rotary_dim, 0)
+        cache[key] = (inv_freq.to(device).contiguous(), factor)
+    return cache[key]
+
+
 class ALiBi(PositionScheme):
     """ALiBi: bias_ij = -m_h * |pq(i) - pk(j)|, added after the softmax scale.
 
@@ -106,8 +153,10 @@ class ALiBi(PositionScheme):
         self.slopes = slopes
 
     def resolve(self, batch, num_heads, head_dim, seq_len, device, causal=False) -> ResolvedPosition:
-        slopes = alibi_slopes(num_heads) if self.slopes is None else self.slopes.detach()
-        slopes = slopes.to(device=device, dtype=torch.float32)
+        if self.slopes is None:
+            slopes = _default_slopes_on(num_heads, device)
+        else:
+            slopes = _cached_copy(self, self.slopes.detach(), device)
         if slopes.dim() == 1:
             if slopes.shape[0] != num_heads:
                 raise ValueError(f"ALiBi slopes must have shape (Hq,)=({num_heads},) or (B, Hq)=({batch}, "
@@ -276,8 +325,12 @@ class RoPE(PositionScheme):
         if rotary_dim > head_dim:
             given = "rotary_dim" if self.rotary_dim is not None else "2 * len(inv_freq)"
             raise ValueError(f"RoPE rotary_dim must be <= head dim D={head_dim}, got {given} = {rotary_dim}")
-        inv_freq, factor = self.frequencies(rotary_dim, seq_len)
-        return ResolvedPosition(ROPE_KIND, inv_freq=inv_freq.to(device).contiguous(), rotary_dim=rotary_dim,
+        if self.length_dependent:  # DynamicNTK: new frequencies whenever the length changes
+            inv_freq, factor = self.frequencies(rotary_dim, seq_len)
+            inv_freq = inv_freq.to(device).contiguous()
+        else:
+            inv_freq, factor = _cached_frequencies(self, rotary_dim, device)
+        return ResolvedPosition(ROPE_KIND, inv_freq=inv_freq, rotary_dim=rotary_dim,
                                 interleaved=self.interleaved, attention_factor=factor)
 
     def __repr__(self) -> str:
@@ -310,6 +363,49 @@ def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets:
     return buckets + torch.where(distance < max_exact, distance, far)
 
 
+class _BucketRuns:
+    """The bucket map of a distance table as runs: T5 buckets are non-decreasing in the distance on each
+    side, so every bucket covers one run of consecutive distances per side. fold() sums a gradient over
+    each run with a prefix sum and maps runs to buckets with a (runs, num_buckets) one-hot matmul.
+
+    side, start, end: (S,) int64, run s covers rel_bias[:, side[s], start[s]:end[s]]; one_hot (S, NB) fp64.
+    """
+
+    def __init__(self, buckets: torch.Tensor, num_buckets: int):
+        """buckets: (2, max_distance + 1) int64 on the CPU."""
+        length = buckets.shape[1]
+        side, start, end = [], [], []
+        for row in range(2):
+            change = torch.nonzero(buckets[row, 1:] != buckets[row, :-1]).flatten() + 1  # first index of a run
+            start.append(torch.cat((torch.zeros(1, dtype=torch.int64), change)))
+            end.append(torch.cat((change, torch.full((1,), length, dtype=torch.int64))))
+            side.append(torch.full_like(start[-1], row))
+        self.side, self.start, self.end = torch.cat(side), torch.cat(start), torch.cat(end)
+        self.one_hot = torch.nn.functional.one_hot(buckets[self.side, self.start], num_buckets).to(torch.float64)
+
+    def to(self, device: torch.device) -> "_BucketRuns":
+        moved = object.__new__(_BucketRuns)
+        moved.side, moved.start, moved.end, moved.one_hot = (
+            t.to(device) for t in (self.side, self.start, self.end, self.one_hot))
+        return moved
+
+    def fold(self, d_rel_bias: torch.Tensor) -> torch.Tensor:
+        """(Hq, 2, max_distance + 1) -> (Hq, num_buckets) fp32, summed in fp64."""
+        prefix = torch.nn.functional.pad(d_rel_bias.to(torch.float64).cumsum(-1), (1, 0))  # (Hq, 2, D + 2)
+        run_sums = prefix[:, self.side, self.end] - prefix[:, self.side, self.start]  # (Hq, S)
+        return (run_sums @ self.one_hot).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_layout(max_distance: int, num_buckets: int, bidirectional: bool,
+                   device: torch.device) -> tuple[torch.Tensor, _BucketRuns]:
+    """(rel_buckets (2, max_distance + 1) int32 on device, its runs), computed once per parameters and
+    device: row 0 holds keys at or before the query (pk - pq = -distance), row 1 keys after it."""
+    distance = torch.arange(max_distance + 1, dtype=torch.int64)
+    buckets = t5_bucket(torch.stack((-distance, distance)), bidirectional, num_buckets, max_distance)
+    return buckets.to(device=device, dtype=torch.int32).contiguous(), _BucketRuns(buckets, num_buckets).to(device)
+
+
 class RelativeBias(PositionScheme):
     """T5 relative position bias: bias_ij = table[h, bucket(pk(j) - pq(i))], added after the softmax scale.
 
@@ -323,8 +419,11 @@ class RelativeBias(PositionScheme):
     Kernels never evaluate the bucket formula: per call the table is folded into a (Hq, 2, max_distance + 1)
     bias-by-distance table (`ResolvedPosition.rel_bias`), which the kernels index by the signed distance
     computed in registers. The bucket edges are thus computed once, by the same fp32 formula as the
-    reference and transformers, instead of by each backend's own log; gradients flow back to the table
-    through that fold.
+    reference and transformers, instead of by each backend's own log (once per parameters and device:
+    the bucket map `rel_buckets` is cached). The kernels return the gradient of the bucket table itself,
+    or of the distance table folded back through the buckets (`ResolvedPosition.rel_bias_grad_to_table`),
+    only when the table requires it. A table on the CPU is checked for NaN / inf; a CUDA table is not
+    (the check would synchronize the device on every call).
     """
 
     def __init__(self, table: torch.Tensor, max_distance: int = 128, bidirectional: Optional[bool] = None):
@@ -356,15 +455,16 @@ class RelativeBias(PositionScheme):
         if self.max_distance <= max_exact:
             raise ValueError(f"RelativeBias max_distance must exceed the exact-bucket range {max_exact} "
                              f"(num_buckets // {4 if bidirectional else 2}), got {self.max_distance}")
-        if not torch.isfinite(self.table.detach()).all():
+        # Checked only where it costs no device synchronization: a CUDA call stays sync-free (and capturable
+        # in a CUDA graph); a NaN in a CUDA table propagates to the output as NaN, as in any layer.
+        if self.table.device.type == "cpu" and not torch.isfinite(self.table.detach()).all():
             raise ValueError("RelativeBias table must be finite (found NaN or inf)")
         table = self.table.to(device=device, dtype=torch.float32)
-        distance = torch.arange(self.max_distance + 1, device=device, dtype=torch.int64)
-        # Row 0: keys at or before the query (pk - pq = -distance); row 1: keys after it (+distance).
-        buckets = t5_bucket(torch.stack((-distance, distance)), bidirectional, num_buckets, self.max_distance)
-        rel_bias = table[:, buckets].contiguous()  # (Hq, 2, max_distance + 1), differentiable in table
-        return ResolvedPosition(RELATIVE_KIND, rel_table=table, rel_bias=rel_bias, max_distance=self.max_distance,
-                                bidirectional=bidirectional)
+        buckets, runs = _bucket_layout(self.max_distance, num_buckets, bidirectional, device)
+        rel_bias = table.detach()[:, buckets.long()].contiguous()  # (Hq, 2, max_distance + 1)
+        return ResolvedPosition(RELATIVE_KIND, rel_table=table, rel_bias=rel_bias, rel_buckets=buckets,
+                                max_distance=self.max_distance, bidirectional=bidirectional,
+                                bucket_runs=runs)
 
     def __repr__(self) -> str:
         return (f"RelativeBias(table={tuple(self.table.shape)}, max_distance={self.max_distance}, "

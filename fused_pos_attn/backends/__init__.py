@@ -1,5 +1,8 @@
 """Backend selection. A kernel backend is a module with
-`forward(q, k, v, spec) -> (out, lse)` and `backward(grad_out, q, k, v, out, lse, spec) -> (dq, dk, dv)`.
+`forward(q, k, v, spec) -> (out, lse)` and
+`backward(grad_out, grad_lse, q, k, v, out, lse, spec, rel_grad) -> (dq, dk, dv, d_rel_table)`:
+grad_lse is None or the (B, Hq, Nq) gradient of lse; rel_grad says whether the relative scheme's table
+needs its gradient d_rel_table (Hq, num_buckets), else None is returned for it.
 The dense reference is not a kernel backend: `select` returns None for it.
 """
 from __future__ import annotations
@@ -21,18 +24,38 @@ def triton_interpreter_enabled() -> bool:
 def select(name: str, q: torch.Tensor) -> Optional[ModuleType]:
     """Backend module for tensors like q, or None for the dense reference.
 
-    auto: Triton for CUDA tensors, the native C++ kernels for CPU tensors (never the CUDA C++ kernels,
-    which no GPU run has validated yet; backend="cuda" selects them explicitly).
+    auto: Triton for CUDA tensors, the native C++ kernels for CPU tensors. The CUDA C++ kernels, which no
+    GPU run has validated yet, are picked by auto only where Triton is not installed and they support the
+    call; backend="cuda" selects them explicitly.
     """
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "reference":
         return None
-    if name == "triton" or (name == "auto" and q.is_cuda):
+    if name == "auto" and q.is_cuda:
+        return _auto_for_cuda(q)
+    if name == "triton":
         return _triton_for(q)
     if name == "cuda":
         return _cuda_for(q)
     return _cpu_for(q)
+
+
+def _auto_for_cuda(q: torch.Tensor) -> ModuleType:
+    """Triton when it is installed; else the CUDA C++ kernels when built and supporting q; else a clear error."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        from . import cuda_backend
+        if cuda_backend.built_with_cuda() and q.dtype in cuda_backend.DTYPES \
+                and q.shape[-1] in cuda_backend.HEAD_DIMS:
+            return cuda_backend
+        raise ImportError("backend='auto' on CUDA tensors needs Triton, which is not installed: "
+                          "pip install 'triton>=3.6' (or install fused_pos_attn[triton]). The CUDA C++ kernels "
+                          f"are {'built' if cuda_backend.built_with_cuda() else 'not built'} and cover float16 / "
+                          f"bfloat16 with head dim in {cuda_backend.HEAD_DIMS} only; got {q.dtype}, head dim "
+                          f"{q.shape[-1]}") from None
+    return _triton_for(q)
 
 
 def _triton_for(q: torch.Tensor) -> ModuleType:
