@@ -22,43 +22,56 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// Position and masking arguments shared by both ops' schemas.
-#define FPA_POSITION_SCHEMA                                                                                   \
-  "Tensor q_offset, Tensor k_offset, int pos, Tensor slopes, Tensor inv_freq, int rotary_dim, bool interleaved, " \
-  "float attention_factor, Tensor rel_bias, int max_distance, bool causal, int window, float scale"
+// FPA_CALL_ARGS (attention_params.h) as the ops see them: the schema text, C++ parameters, and OpCallArgs, one
+// struct holding them all (so make_params takes one argument, whatever the list holds).
+#define FPA_OP_TYPE_Tensor const at::Tensor&
+#define FPA_OP_TYPE_int int64_t
+#define FPA_OP_TYPE_bool bool
+#define FPA_OP_TYPE_float double
+#define FPA_SCHEMA_ARG(schema_type, name, field_type) ", " #schema_type " " #name
+#define FPA_OP_PARAM(schema_type, name, field_type) , FPA_OP_TYPE_##schema_type name
+#define FPA_OP_MEMBER(schema_type, name, field_type) FPA_OP_TYPE_##schema_type name;
+#define FPA_OP_NAME(schema_type, name, field_type) name,
+// ", Tensor q_offset, Tensor k_offset, int pos, ...": the schema's position and masking arguments.
+#define FPA_CALL_SCHEMA FPA_CALL_ARGS(FPA_SCHEMA_ARG)
+// The same as C++ parameters, and the OpCallArgs built from them inside an op.
+#define FPA_CALL_PARAMS FPA_CALL_ARGS(FPA_OP_PARAM)
+#define FPA_OP_CALL_ARGS OpCallArgs{FPA_CALL_ARGS(FPA_OP_NAME)}
 
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_offset,
-                            const at::Tensor& k_offset, int64_t pos, const at::Tensor& slopes,
-                            const at::Tensor& inv_freq, int64_t rotary_dim, bool interleaved,
-                            double attention_factor, const at::Tensor& rel_bias, int64_t max_distance, bool causal,
-                            int64_t window, double scale) {
+struct OpCallArgs {
+  FPA_CALL_ARGS(FPA_OP_MEMBER)
+};
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OpCallArgs& a) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "q and k must share batch and head dim");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "head dim must be in [1, 256]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
-  TORCH_CHECK(pos >= 0 && pos <= static_cast<int64_t>(PosKind::kRelative), "unknown position kind ", pos);
+  TORCH_CHECK(is_pos_kind(a.pos), "unknown position kind ", a.pos);
   const int64_t batch = q.size(0);
-  for (const at::Tensor* off : {&q_offset, &k_offset}) {
+  for (const at::Tensor* off : {&a.q_offset, &a.k_offset}) {
     TORCH_CHECK(off->scalar_type() == at::kLong && off->dim() == 1 && off->size(0) == batch && off->is_contiguous(),
                 "offsets must be contiguous (B,) int64 tensors");
   }
-  TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.dim() == 2 && slopes.size(0) == batch &&
-                  slopes.size(1) == q.size(1),
+  TORCH_CHECK(a.slopes.scalar_type() == at::kFloat && a.slopes.dim() == 2 && a.slopes.size(0) == batch &&
+                  a.slopes.size(1) == q.size(1),
               "slopes must be a (B, Hq) float32 tensor");
-  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous(), "inv_freq must be contiguous fp32");
-  if (pos == static_cast<int64_t>(PosKind::kRope)) {
-    TORCH_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= q.size(3), "rotary_dim must be even, <= D");
-    TORCH_CHECK(inv_freq.numel() == rotary_dim / 2, "inv_freq must have rotary_dim / 2 entries");
+  TORCH_CHECK(a.inv_freq.scalar_type() == at::kFloat && a.inv_freq.is_contiguous(), "inv_freq must be contiguous fp32");
+  if (a.pos == static_cast<int64_t>(PosKind::kRope)) {
+    TORCH_CHECK(a.rotary_dim > 0 && a.rotary_dim % 2 == 0 && a.rotary_dim <= q.size(3),
+                "rotary_dim must be even, <= D");
+    TORCH_CHECK(a.inv_freq.numel() == a.rotary_dim / 2, "inv_freq must have rotary_dim / 2 entries");
   }
-  if (pos == static_cast<int64_t>(PosKind::kRelative)) {
-    TORCH_CHECK(max_distance >= 1, "max_distance must be >= 1");
-    TORCH_CHECK(rel_bias.scalar_type() == at::kFloat && rel_bias.is_contiguous() && rel_bias.dim() == 3 &&
-                    rel_bias.size(0) == q.size(1) && rel_bias.size(1) == 2 && rel_bias.size(2) == max_distance + 1,
+  TORCH_CHECK(a.rel_bias.scalar_type() == at::kFloat, "rel_bias must be float32");
+  if (a.pos == static_cast<int64_t>(PosKind::kRelative)) {
+    TORCH_CHECK(a.max_distance >= 1, "max_distance must be >= 1");
+    TORCH_CHECK(a.rel_bias.is_contiguous() && a.rel_bias.dim() == 3 && a.rel_bias.size(0) == q.size(1) &&
+                    a.rel_bias.size(1) == 2 && a.rel_bias.size(2) == a.max_distance + 1,
                 "rel_bias must be a contiguous (Hq, 2, max_distance + 1) float32 tensor");
   }
-  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  TORCH_CHECK(a.window >= 0, "window must be >= 0 (0: none)");
 
   AttentionParams p;
   p.batch = batch;
@@ -67,46 +80,48 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.seq_q = q.size(2);
   p.seq_k = k.size(2);
   p.head_dim = q.size(3);
-  p.q_offset = q_offset.data_ptr<int64_t>();
-  p.k_offset = k_offset.data_ptr<int64_t>();
-  p.pos = static_cast<PosKind>(pos);
-  p.slopes = slopes.data_ptr<float>();
-  p.slope_stride_b = slopes.stride(0);
-  p.slope_stride_h = slopes.stride(1);
-  p.inv_freq = inv_freq.data_ptr<float>();
-  p.rotary_dim = static_cast<int>(rotary_dim);
-  p.interleaved = interleaved;
-  p.attention_factor = attention_factor;
-  p.rel_bias = rel_bias.data_ptr<float>();
-  p.max_distance = max_distance;
-  p.causal = causal;
-  p.window = window;
-  p.scale = scale;
+  fill_call_args(p, a);
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& q_offset, const at::Tensor& k_offset, int64_t pos,
-                                               const at::Tensor& slopes, const at::Tensor& inv_freq,
-                                               int64_t rotary_dim, bool interleaved, double attention_factor,
-                                               const at::Tensor& rel_bias, int64_t max_distance, bool causal,
-                                               int64_t window, double scale) {
-  const AttentionParams p = make_params(q, k, v, q_offset, k_offset, pos, slopes, inv_freq, rotary_dim, interleaved,
-                                        attention_factor, rel_bias, max_distance, causal, window, scale);
-  return cpu::attention_forward(q, k, v, p);
+// The backward's own checks: grad_out and out like q, lse (B, Hq, Nq) contiguous in lse_dtype, grad_lse (the
+// gradient of lse, optional) like lse.
+void check_backward_inputs(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                           const at::Tensor& out, const at::Tensor& lse, at::ScalarType lse_dtype) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "grad_out and out must have q's dtype");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype && lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "lse must be a contiguous (B, Hq, Nq) ", lse_dtype, " tensor");
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->scalar_type() == lse_dtype && grad_lse->is_contiguous() && grad_lse->sizes() == lse.sizes(),
+                "grad_lse must be a contiguous (B, Hq, Nq) ", lse_dtype, " tensor like lse");
+  }
+}
+
+// The relative table's gradient (Hq, 2, max_distance + 1) fp32 on q's device, which the backward kernels fill when
+// the table needs a gradient (pos relative and rel_grad); otherwise empty, and the kernels skip that work.
+at::Tensor d_rel_bias_output(const AttentionParams& p, bool rel_grad, const at::Tensor& q) {
+  const bool table_grad = rel_grad && p.pos == PosKind::kRelative;
+  return table_grad ? at::empty({p.heads_q, 2, p.max_distance + 1}, q.options().dtype(at::kFloat))
+                    : at::empty({0}, q.options().dtype(at::kFloat));
+}
+
+// LSE's dtype for inputs of q's dtype: fp32, fp64 for fp64 (CPU).
+at::ScalarType lse_dtype_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v FPA_CALL_PARAMS) {
+  return cpu::attention_forward(q, k, v, make_params(q, k, v, FPA_OP_CALL_ARGS));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& q_offset, const at::Tensor& k_offset, int64_t pos,
-    const at::Tensor& slopes, const at::Tensor& inv_freq, int64_t rotary_dim, bool interleaved,
-    double attention_factor, const at::Tensor& rel_bias, int64_t max_distance, bool causal, int64_t window,
-    double scale) {
-  const AttentionParams p = make_params(q, k, v, q_offset, k_offset, pos, slopes, inv_freq, rotary_dim, interleaved,
-                                        attention_factor, rel_bias, max_distance, causal, window, scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape");
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3, "lse must be a contiguous (B, Hq, Nq) tensor");
-  return cpu::attention_backward(grad_out, q, k, v, out, lse, p);
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool rel_grad FPA_CALL_PARAMS) {
+  const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
+  check_backward_inputs(grad_out, grad_lse, q, out, lse, lse_dtype_of(q));
+  return cpu::attention_backward(grad_out, grad_lse, q, k, v, out, lse, d_rel_bias_output(p, rel_grad, q), p);
 }
 
 #ifdef FUSED_POS_ATTN_WITH_CUDA
@@ -152,17 +167,12 @@ void run_cuda(Launch&& launch) {
   C10_CUDA_CHECK(err);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& q_offset, const at::Tensor& k_offset, int64_t pos,
-                                                const at::Tensor& slopes, const at::Tensor& inv_freq,
-                                                int64_t rotary_dim, bool interleaved, double attention_factor,
-                                                const at::Tensor& rel_bias, int64_t max_distance, bool causal,
-                                                int64_t window, double scale) {
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v FPA_CALL_PARAMS) {
   check_same_cuda_device(q, {{"k", &k}, {"v", &v}, {"q_offset", &q_offset}, {"k_offset", &k_offset},
                              {"slopes", &slopes}, {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}});
   const gpu::DType dtype = cuda_dtype(q);
-  const AttentionParams p = make_params(q, k, v, q_offset, k_offset, pos, slopes, inv_freq, rotary_dim, interleaved,
-                                        attention_factor, rel_bias, max_distance, causal, window, scale);
+  const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = output_like(q);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
@@ -174,35 +184,29 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& q_offset, const at::Tensor& k_offset, int64_t pos,
-    const at::Tensor& slopes, const at::Tensor& inv_freq, int64_t rotary_dim, bool interleaved,
-    double attention_factor, const at::Tensor& rel_bias, int64_t max_distance, bool causal, int64_t window,
-    double scale) {
-  check_same_cuda_device(q, {{"grad_out", &grad_out}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse},
-                             {"q_offset", &q_offset}, {"k_offset", &k_offset}, {"slopes", &slopes},
-                             {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}});
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool rel_grad FPA_CALL_PARAMS) {
+  const at::Tensor no_grad_lse;
+  check_same_cuda_device(q, {{"grad_out", &grad_out}, {"grad_lse", grad_lse ? &*grad_lse : &no_grad_lse},
+                             {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"q_offset", &q_offset},
+                             {"k_offset", &k_offset}, {"slopes", &slopes}, {"inv_freq", &inv_freq},
+                             {"rel_bias", &rel_bias}});
   const gpu::DType dtype = cuda_dtype(q);
-  const AttentionParams p = make_params(q, k, v, q_offset, k_offset, pos, slopes, inv_freq, rotary_dim, interleaved,
-                                        attention_factor, rel_bias, max_distance, causal, window, scale);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape");
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "grad_out and out must have q's dtype");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3,
-              "lse must be a contiguous (B, Hq, Nq) float32 tensor");
+  const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
+  check_backward_inputs(grad_out, grad_lse, q, out, lse, at::kFloat);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = output_like(q), dk = output_like(k), dv = output_like(v);
-  const bool relative = pos == static_cast<int64_t>(PosKind::kRelative);
-  at::Tensor d_rel_bias = relative ? at::empty({p.heads_q, 2, max_distance + 1}, q.options().dtype(at::kFloat))
-                                   : at::empty({0}, q.options().dtype(at::kFloat));
+  at::Tensor d_rel_bias = d_rel_bias_output(p, rel_grad, q);
   at::Tensor dq_accum = at::empty({p.batch, p.heads_q, p.seq_q, p.head_dim}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  at::Tensor d_rel_partial = at::empty({gpu::rel_partial_floats(p, d_rel_bias.numel() > 0)}, delta.options());
+  const gpu::BackwardWorkspace ws{dq_accum.data_ptr<float>(), delta.data_ptr<float>(),
+                                  d_rel_partial.numel() ? d_rel_partial.data_ptr<float>() : nullptr};
+  const float* grad_lse_data = grad_lse ? grad_lse->data_ptr<float>() : nullptr;
   run_cuda([&] {
-    return gpu::attention_backward(p, dtype, tensor4(grad_out, "grad_out"), tensor4(q, "q"), tensor4(k, "k"),
-                                   tensor4(v, "v"), tensor4(out, "out"), lse.data_ptr<float>(), tensor4(dq, "dq"),
-                                   tensor4(dk, "dk"), tensor4(dv, "dv"),
-                                   relative ? d_rel_bias.data_ptr<float>() : nullptr,
-                                   {dq_accum.data_ptr<float>(), delta.data_ptr<float>()},
+    return gpu::attention_backward(p, dtype, tensor4(grad_out, "grad_out"), grad_lse_data, tensor4(q, "q"), tensor4(k, "k"), tensor4(v, "v"), tensor4(out, "out"),
+                                   lse.data_ptr<float>(), tensor4(dq, "dq"), tensor4(dk, "dk"), tensor4(dv, "dv"),
+                                   d_rel_bias.numel() ? d_rel_bias.data_ptr<float>() : nullptr, ws,
                                    c10::cuda::getCurrentCUDAStream().stream());
   });
   return {dq, dk, dv, d_rel_bias};
@@ -254,6 +258,18 @@ std::vector<at::Tensor> position_probe(const at::Tensor& rel, const at::Tensor& 
   return {clamped, alibi, visible, index, first, last, partner, freq_index, sign, angle};
 }
 
+// PosKind's codes by name (position.h's FPA_POS_KINDS), for the test that the Python table agrees.
+std::tuple<std::vector<std::string>, std::vector<int64_t>> scheme_codes() {
+  std::vector<std::string> names;
+  std::vector<int64_t> codes;
+#define FPA_LIST_POS_KIND(name, enumerator, code)  \
+  names.emplace_back(#name);                       \
+  codes.push_back(static_cast<int64_t>(PosKind::enumerator));
+  FPA_POS_KINDS(FPA_LIST_POS_KIND)
+#undef FPA_LIST_POS_KIND
+  return {names, codes};
+}
+
 std::string build_info() {
 #ifdef FUSED_POS_ATTN_WITH_CUDA
   return "cpu+cuda";
@@ -267,9 +283,12 @@ std::string build_info() {
 
 TORCH_LIBRARY(fused_pos_attn, m) {
   m.def("build_info() -> str", &fused_pos_attn::build_info);
-  m.def("attention_forward(Tensor q, Tensor k, Tensor v, " FPA_POSITION_SCHEMA ") -> (Tensor out, Tensor lse)");
-  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        FPA_POSITION_SCHEMA ") -> (Tensor dq, Tensor dk, Tensor dv, Tensor d_rel_bias)");
+  m.def("scheme_codes() -> (str[] names, int[] codes)", &fused_pos_attn::scheme_codes);
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v" FPA_CALL_SCHEMA ") -> (Tensor out, Tensor lse)");
+  // grad_lse: the gradient of lse (None: zero). rel_grad: whether the relative table needs a gradient (else
+  // d_rel_bias is empty and the kernels skip that work).
+  m.def("attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "bool rel_grad" FPA_CALL_SCHEMA ") -> (Tensor dq, Tensor dk, Tensor dv, Tensor d_rel_bias)");
   m.def("position_probe(Tensor rel, Tensor slopes, Tensor positions, Tensor inv_freq, int head_dim, int rotary_dim, "
         "bool interleaved, int max_distance, bool causal, int window, int seq_k) -> Tensor[]");
 }

@@ -9,12 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fused_pos_attn._C  # noqa: F401  registers torch.ops.fused_pos_attn.*
 from fused_pos_attn import ALiBi, RoPE, backends, fused_attention
-from fused_pos_attn.backends import cpu_backend
+from fused_pos_attn.backends import cpu_backend, native
+from fused_pos_attn.positions import ResolvedPosition
+from fused_pos_attn.spec import AttentionSpec
 from test_attention_backends import SCHEMES, Case, RelativeTable, check_case
+from test_native_lse_grad import check_lse_case
 
-BUILT_WITH_CUDA = torch.ops.fused_pos_attn.build_info() == "cpu+cuda"
+BUILT_WITH_CUDA = native.built_with_cuda()
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128]
 CUDA_SCHEMES = dict(SCHEMES, rope_partial_64=RoPE(rotary_dim=64, theta=500.0),
@@ -151,10 +153,13 @@ def test_relative_table_gradient_of_the_op():
     q, k, v, grad_out = (torch.randn(b, h, n, d, generator=gen).to("cuda", torch.float16) for _ in range(4))
     rel_bias = torch.randn(h, 2, max_distance + 1, generator=gen).cuda()
     offsets = torch.zeros(b, dtype=torch.int64, device="cuda")
-    args = (offsets, offsets, 3, torch.zeros(b, h, device="cuda"), torch.zeros(0, device="cuda"), 0, False, 1.0,
-            rel_bias, max_distance, True, 0, d ** -0.5)
-    out, lse = torch.ops.fused_pos_attn.attention_forward(q, k, v, *args)
-    d_rel = torch.ops.fused_pos_attn.attention_backward(grad_out, q, k, v, out, lse, *args)[3]
+    spec = AttentionSpec(causal=True, scale=d ** -0.5, window=None, q_offset=offsets, k_offset=offsets,
+                         position=ResolvedPosition("relative", rel_bias=rel_bias, max_distance=max_distance))
+    args = native.op_args(spec, q)
+    out, lse = torch.ops.fused_pos_attn.attention_forward(q, k, v, **args)
+    d_rel = torch.ops.fused_pos_attn.attention_backward(grad_out, None, q, k, v, out, lse, True, **args)[3]
+    no_table = torch.ops.fused_pos_attn.attention_backward(grad_out, None, q, k, v, out, lse, False, **args)[3]
+    assert no_table.numel() == 0
 
     table = rel_bias.double().requires_grad_()
     rel = torch.arange(n, device="cuda")[:, None] - torch.arange(n, device="cuda")[None, :]  # pq - pk
@@ -168,6 +173,15 @@ def test_relative_table_gradient_of_the_op():
     torch.testing.assert_close(out.double(), ref_out, atol=5e-3, rtol=0)
     torch.testing.assert_close(d_rel.double(), table.grad, atol=2e-2 * max(1.0, table.grad.abs().max().item()),
                                rtol=0)
+
+
+@gpu_test
+@pytest.mark.parametrize("loss", ["out_and_lse", "lse_only"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
+def test_lse_gradient(scheme, loss):
+    """A gradient through lse (delta = rowsum(dO * O) - dLSE), with rows that see no key (Nq > Nk, causal)."""
+    check_lse_case(Case(batch=2, heads_q=4, heads_kv=2, seq_q=150, seq_k=97, head_dim=64, pos=SCHEMES[scheme],
+                        kwargs=dict(causal=True)), torch.float16, "cuda", loss)
 
 
 @gpu_test
@@ -218,7 +232,7 @@ def test_cuda_backend_copies_only_non_unit_head_dim_stride(layout, monkeypatch):
     """The backend hands tensors with unit head-dim stride to the op unchanged and copies the others."""
     from fused_pos_attn.backends import cuda_backend
     seen = {}
-    monkeypatch.setattr(cpu_backend, "forward", lambda q, k, v, spec: seen.update(q=q, k=k, v=v))
+    monkeypatch.setattr(native, "forward", lambda q, k, v, spec: seen.update(q=q, k=k, v=v))
     x = torch.randn(1, 3, 2, 128)
     x = x[..., ::2] if layout == "strided_d" else x.transpose(1, 2)
     cuda_backend.forward(x, x, x, spec=None)

@@ -6,26 +6,34 @@ host C++ with g++: one std::thread per CUDA thread, std::barrier for __syncthrea
 and shuffles / ldmatrix / mma.sync computed from their PTX ISA definitions (emu_runtime.h). Of
 csrc/cuda/mma.cuh only the bodies of the inline-PTX functions are swapped for emulated ones (EMULATED below);
 its fragment address helpers, like everything else, are the shipped code. Calls go through the real Python
-path: fused_attention(backend="cuda") -> backends/cuda_backend.py -> the op arguments of cpu_backend._op_args
--> the harness (standing in for torch.ops on CUDA tensors, with the launchers' grids).
+path: fused_attention(backend="cuda") -> backends/cuda_backend.py -> backends/native.py (its op arguments and
+the relative table's gradient fold) -> the harness, standing in for torch.ops.fused_pos_attn (native.OPS) on
+CUDA tensors, with the launchers' grids. The harness reads the op arguments in csrc's FPA_CALL_ARGS order, the
+order of the ops' schema.
 
 Not covered: timing, cp.async's asynchrony (emulated copies complete at once), the hardware's accumulation
 order inside mma, resource limits (tests/test_cuda_compile.py checks those). Skipped with a GPU (the real
 kernels run in tests/test_cuda_backend.py) or without g++ / the CUDA headers.
 """
 import ctypes
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from typing import Optional
+
 import pytest
 import torch
 
-from fused_pos_attn import RoPE, backends
-from fused_pos_attn.backends import cpu_backend, cuda_backend
+from fused_pos_attn import RelativeBias, RoPE, backends
+from fused_pos_attn.backends import cuda_backend, native
+from fused_pos_attn.positions import ResolvedPosition
+from fused_pos_attn.spec import AttentionSpec
+from fused_pos_attn.triton_kernels.scheme_codes import SCHEME_CODES
 from test_attention_backends import Case, RelativeTable, check_case
+from test_cuda_compile import cuda_include_dir
+from test_native_lse_grad import check_lse_case
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -43,15 +51,7 @@ EMULATED = {
 }
 
 
-def _cuda_include():
-    nvcc = shutil.which("nvcc")
-    for home in (os.environ.get("CUDA_HOME"), nvcc and str(Path(nvcc).resolve().parents[1]), "/usr/local/cuda"):
-        if home and (Path(home) / "include" / "cuda_fp16.h").exists():
-            return Path(home) / "include"
-    return None
-
-
-CUDA_INCLUDE = _cuda_include()
+CUDA_INCLUDE = cuda_include_dir()
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: tests/test_cuda_backend.py runs the "
                                                          "real kernels"),
@@ -81,8 +81,8 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * 3)(*t.stride()[:3])
 
 
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr() if t.numel() else 0)
+def _ptr(t: Optional[torch.Tensor]):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
 
 
 def _output_like(t: torch.Tensor) -> torch.Tensor:
@@ -92,47 +92,68 @@ def _output_like(t: torch.Tensor) -> torch.Tensor:
     return out if paired else torch.empty(t.shape, dtype=t.dtype)
 
 
+class HostTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("strides", ctypes.c_int64 * 4)]
+
+
+class EmuArg(ctypes.Structure):
+    """One op argument for the harness (harness.cpp's EmuArg): a tensor, an int / bool, or a float."""
+    _fields_ = [("tensor", HostTensor), ("integer", ctypes.c_int64), ("real", ctypes.c_double)]
+
+
+# The ops' position and masking arguments in schema order (csrc's FPA_CALL_ARGS): the schema of the built op.
+CALL_ARG_NAMES = [a.name for a in torch.ops.fused_pos_attn.attention_forward.default._schema.arguments[3:]]
+
+
+def _emu_args(call_args: dict):
+    """native.op_args' keyword arguments as the harness's EmuArg array, in schema order."""
+    assert list(call_args) == CALL_ARG_NAMES, "native.op_args must match the ops' schema"
+    args = (EmuArg * len(CALL_ARG_NAMES))()
+    for arg, name in zip(args, CALL_ARG_NAMES):
+        value = call_args[name]
+        if isinstance(value, torch.Tensor):
+            arg.tensor = HostTensor(_ptr(value), (ctypes.c_int64 * 4)(*value.stride(), *[0] * (4 - value.dim())))
+        elif isinstance(value, float):
+            arg.real = value
+        else:
+            arg.integer = int(value)
+    return args
+
+
 class EmulatedOps:
     """attention_forward / attention_backward on CPU tensors through the harness, as ops.cpp's CUDA bindings
-    would run them (same op arguments, same output allocation)."""
+    would run them (same op arguments, same output allocation): a stand-in for torch.ops.fused_pos_attn."""
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
 
-    def _params(self, q, k, op_args):
-        (q_offset, k_offset, pos, slopes, inv_freq, rotary_dim, interleaved, attention_factor, rel_bias,
-         max_distance, causal, window, scale) = op_args
+    @staticmethod
+    def _shape(q, k):
         assert q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
-        shape = (ctypes.c_int64 * 6)(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
-        keep = [shape, (ctypes.c_int64 * 2)(*slopes.stride())]
-        params = [ctypes.c_int(0 if q.dtype == torch.float16 else 1), shape, _ptr(q_offset), _ptr(k_offset),
-                  ctypes.c_int(pos), _ptr(slopes), keep[1], _ptr(inv_freq), ctypes.c_int(rotary_dim),
-                  ctypes.c_int(int(interleaved)), ctypes.c_double(attention_factor), _ptr(rel_bias),
-                  ctypes.c_int64(max_distance), ctypes.c_int(int(causal)), ctypes.c_int64(window),
-                  ctypes.c_double(scale)]
-        return params, keep
+        dtype = ctypes.c_int(0 if q.dtype == torch.float16 else 1)
+        return dtype, (ctypes.c_int64 * 6)(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
 
-    def forward(self, q, k, v, spec):
-        params, keep = self._params(q, k, cpu_backend._op_args(spec, q))
+    def attention_forward(self, q, k, v, **call_args):
         out = _output_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32)
-        self.lib.emu_forward(*params, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(out),
-                             _strides(out), _ptr(lse))
+        self.lib.emu_forward(*self._shape(q, k), _emu_args(call_args), _ptr(q), _strides(q), _ptr(k), _strides(k),
+                             _ptr(v), _strides(v), _ptr(out), _strides(out), _ptr(lse))
         return out, lse
 
-    def backward(self, grad_out, q, k, v, out, lse, spec):
-        op_args = cpu_backend._op_args(spec, q)
-        params, keep = self._params(q, k, op_args)
-        relative = spec.position.kind == "relative"
+    def attention_backward(self, grad_out, grad_lse, q, k, v, out, lse, rel_grad, **call_args):
+        assert lse.is_contiguous() and (grad_lse is None or (grad_lse.is_contiguous() and
+                                                             grad_lse.dtype == torch.float32))
+        table_grad = rel_grad and call_args["pos"] == SCHEME_CODES["relative"]
         dq, dk, dv = _output_like(q), _output_like(k), _output_like(v)
-        d_rel_bias = torch.full((q.shape[1], 2, op_args[9] + 1), float("nan")) if relative else torch.empty(0)
-        dq_accum = torch.full(q.shape, float("nan"))  # the launcher zeroes it; NaN shows any miss
+        d_rel_bias = (torch.full((q.shape[1], 2, call_args["max_distance"] + 1), float("nan")) if table_grad
+                      else torch.empty(0))  # NaN: the launcher zeroes it, NaN shows any miss
+        dq_accum = torch.full(q.shape, float("nan"))
         delta = torch.full(q.shape[:3], float("nan"))
-        self.lib.emu_backward(*params, _ptr(grad_out), _strides(grad_out), _ptr(q), _strides(q), _ptr(k), _strides(k),
-                              _ptr(v), _strides(v), _ptr(out), _strides(out), _ptr(lse.contiguous()), _ptr(dq),
-                              _strides(dq), _ptr(dk), _strides(dk), _ptr(dv), _strides(dv), _ptr(d_rel_bias),
-                              _ptr(dq_accum), _ptr(delta))
-        return dq, dk, dv, (d_rel_bias if relative else None)
+        self.lib.emu_backward(*self._shape(q, k), _emu_args(call_args), _ptr(grad_out), _strides(grad_out),
+                              _ptr(grad_lse), _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
+                              _ptr(out), _strides(out), _ptr(lse), _ptr(dq), _strides(dq), _ptr(dk), _strides(dk),
+                              _ptr(dv), _strides(dv), _ptr(d_rel_bias), _ptr(dq_accum), _ptr(delta))
+        return dq, dk, dv, d_rel_bias
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +172,10 @@ def emulated_ops(tmp_path_factory) -> EmulatedOps:
 
 @pytest.fixture
 def emulated_cuda_backend(monkeypatch, emulated_ops):
-    """backend="cuda" on CPU tensors: the real cuda_backend module, its op calls served by the emulation."""
+    """backend="cuda" on CPU tensors: the real cuda_backend and native modules, their op calls served by the
+    emulation."""
     monkeypatch.setattr(backends, "_cuda_for", lambda q: cuda_backend)
-    monkeypatch.setattr(cpu_backend, "forward", emulated_ops.forward)
-    monkeypatch.setattr(cpu_backend, "backward", emulated_ops.backward)
+    monkeypatch.setattr(native, "OPS", emulated_ops)
 
 
 OFFSETS = dict(q_offset=torch.tensor([30, 3_000_000_000]), k_offset=torch.tensor([5, 3_000_000_000 - 20]))
@@ -178,6 +199,11 @@ CASES = {
     # Bidirectional relative buckets at D = 128.
     "relative_bidirectional_fp16_d128": (Case(batch=1, heads_q=2, heads_kv=1, seq_q=65, seq_k=66, head_dim=128,
                                               pos=RelativeTable()), torch.float16),
+    # A table row too large for shared memory (2 * 601 entries > kMaxSharedRelEntries): the tiles' diagonal sums
+    # go to the table with atomics; distances on both sides of max_distance.
+    "relative_large_table_fp16_d64": (Case(batch=1, heads_q=2, heads_kv=1, seq_q=40, seq_k=150, head_dim=64,
+                                           pos=RelativeTable(num_buckets=32, max_distance=600),
+                                           kwargs=dict(causal=True, q_offset=640)), torch.float16),
 }
 
 
@@ -187,16 +213,72 @@ def test_emulated_kernels_match_reference(name, emulated_cuda_backend):
     check_case(case, dtype, "cuda")
 
 
+LSE_CASES = {
+    # Rows without a visible key (Nq > Nk, causal), whose random dLSE must change nothing; table gradient.
+    "relative_empty_rows_fp16_d64": (Case(batch=1, heads_q=2, heads_kv=1, seq_q=80, seq_k=40, head_dim=64,
+                                          pos=RelativeTable(num_buckets=8, max_distance=5),
+                                          kwargs=dict(causal=True)), torch.float16, "out_and_lse"),
+    # Only lse in the loss: grad_out is zeros, every gradient comes from dLSE.
+    "rope_lse_only_bf16_d128": (Case(batch=1, heads_q=2, heads_kv=1, seq_q=40, seq_k=70, head_dim=128, pos="rope",
+                                     kwargs=dict(causal=True, window=50)), torch.bfloat16, "lse_only"),
+}
+
+
+@pytest.mark.parametrize("name", list(LSE_CASES))
+def test_emulated_backward_with_lse_gradient(name, emulated_cuda_backend):
+    """The preprocess kernel's delta = rowsum(dO * O) - dLSE, through autograd against the reference."""
+    case, dtype, loss = LSE_CASES[name]
+    check_lse_case(case, dtype, "cuda", loss)
+
+
+def test_emulated_backward_without_table_gradient_ignores_dlse_of_empty_rows(emulated_cuda_backend):
+    """rel_grad=False: the kernels get no table buffer (null, so any table atomic would crash) and the backend
+    returns None for it, other gradients unchanged. dLSE on rows without a visible key, even NaN, changes
+    nothing (the preprocess kernel leaves it out of delta)."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 80, 64, generator=gen).half()
+    k, v = (torch.randn(1, 1, 40, 64, generator=gen).half() for _ in range(2))
+    table = torch.randn(2, 8, generator=gen)
+    offsets = torch.zeros(1, dtype=torch.int64)
+    spec = AttentionSpec(causal=True, scale=0.125, window=None, q_offset=offsets - 40, k_offset=offsets,
+                         position=RelativeBias(table, max_distance=5).resolve(1, 2, 64, 80, q.device, causal=True))
+    out, lse = cuda_backend.forward(q, k, v, spec)
+    empty = torch.isneginf(lse)
+    assert empty.any() and not empty.all()
+    grad_out, grad_lse = torch.randn(q.shape, generator=gen).half(), torch.randn(lse.shape, generator=gen)
+    clean = cuda_backend.backward(grad_out, grad_lse.masked_fill(empty, 0.0), q, k, v, out, lse, spec, True)
+    poisoned = cuda_backend.backward(grad_out, grad_lse.masked_fill(empty, float("nan")), q, k, v, out, lse, spec,
+                                     False)
+    assert clean[3].shape == (2, 8) and poisoned[3] is None
+    for name, a, b in zip(("dq", "dk", "dv"), poisoned, clean):
+        assert not torch.isnan(a).any(), f"{name}: NaN from the dLSE of rows without keys"
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"{name} changed")  # dq: atomics' order
+
+
+def test_emulated_table_gradient_is_deterministic(emulated_cuda_backend):
+    """Per-block partial rows reduced in a fixed order: repeated runs give bit-identical table gradients
+    (fp32 atomics, whose order follows thread timing, would not)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 2, 70, 64, generator=gen).half()
+    k, v = (torch.randn(2, 1, 130, 64, generator=gen).half() for _ in range(2))
+    offsets = torch.zeros(2, dtype=torch.int64)
+    position = RelativeBias(torch.randn(2, 16, generator=gen), max_distance=20).resolve(2, 2, 64, 130, q.device)
+    spec = AttentionSpec(causal=False, scale=0.125, window=None, q_offset=offsets + 30, k_offset=offsets,
+                         position=position)
+    out, lse = cuda_backend.forward(q, k, v, spec)
+    grad_out = torch.randn(q.shape, generator=gen).half()
+    tables = [cuda_backend.backward(grad_out, None, q, k, v, out, lse, spec, True)[3] for _ in range(3)]
+    assert all(torch.equal(tables[0], t) for t in tables[1:])
+
+
 def test_unaligned_rows_take_element_copies(emulated_ops):
     """Row strides that are not a multiple of 8 elements (and an odd base offset) switch the tile loads from
     cp.async to element copies; the forward is bit-identical to the aligned run."""
-    from fused_pos_attn.positions import ResolvedPosition
-    from fused_pos_attn.spec import AttentionSpec
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 67, generator=gen).half()[..., 1:65] for n in (30, 50, 50))
     offsets = torch.zeros(1, dtype=torch.int64)
     spec = AttentionSpec(causal=True, scale=0.125, window=None, q_offset=offsets + 20, k_offset=offsets,
                          position=ResolvedPosition("alibi", slopes=torch.full((1, 2), 0.25)))
-    unaligned = emulated_ops.forward(q, k, v, spec)
-    aligned = emulated_ops.forward(q.contiguous(), k.contiguous(), v.contiguous(), spec)
+    unaligned = emulated_ops.attention_forward(q, k, v, **native.op_args(spec, q))
+    aligned = emulated_ops.attention_forward(*(t.contiguous() for t in (q, k, v)), **native.op_args(spec, q))
     assert q.stride(2) % 8 and all(torch.equal(a, b) for a, b in zip(unaligned, aligned))

@@ -1,7 +1,8 @@
 // CPU attention backward (FlashAttention-2): one task per (batch, kv head) owns that head's dK / dV
 // (accumulated over its query-head group, so no atomics and a deterministic result) and the dQ of
-// every query head of the group. Scores are recomputed from q, k and the saved LSE. The relative bias
-// table's gradient is summed per (batch, head) in a fixed order, then over the batch: deterministic.
+// every query head of the group. Scores are recomputed from q, k and the saved LSE; a gradient of the LSE
+// enters through delta = rowsum(dO * O) - dLSE (dS = P * (dP - delta)). The relative bias table's gradient
+// is summed per (batch, head) in a fixed order, then over the batch: deterministic.
 #include "cpu_kernels.h"
 #include "gemm.h"
 #include "tiles.h"
@@ -10,16 +11,17 @@ namespace fused_pos_attn::cpu {
 namespace {
 
 template <typename scalar_t>
-void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                   at::Tensor& d_rel_bias, const AttentionParams& p) {
+void backward_impl(const at::Tensor& grad_out, const at::Tensor* grad_lse, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor& d_rel_bias, const AttentionParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = p.head_dim;
   const int64_t block_m = std::min(kBlockM, p.seq_q), block_n = std::min(kBlockN, p.seq_k);
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
   const bool relative = p.pos == PosKind::kRelative;
+  const bool table_grad = relative && d_rel_bias.numel() > 0;
   // (B, Hq, 2 * (max_distance + 1)) per-batch partial sums of the relative table's gradient.
-  std::vector<acc_t> d_rel_partial(relative ? p.batch * p.heads_q * p.rel_bias_stride_h() : 0, acc_t(0));
+  std::vector<acc_t> d_rel_partial(table_grad ? p.batch * p.heads_q * p.rel_bias_stride_h() : 0, acc_t(0));
   RopeTables<acc_t> rope_q, rope_k;
   const RopeTables<acc_t>* q_rope = nullptr;
   const RopeTables<acc_t>* k_rope = nullptr;  // q's table in self-attention
@@ -33,6 +35,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const auto ov = view4<const scalar_t>(out), dov = view4<const scalar_t>(grad_out);
   const auto dqv = view4<scalar_t>(dq), dkv = view4<scalar_t>(dk), dvv = view4<scalar_t>(dv);
   const acc_t* lse_data = lse.data_ptr<acc_t>();
+  const acc_t* grad_lse_data = grad_lse ? grad_lse->data_ptr<acc_t>() : nullptr;  // (B, Hq, Nq) or none
   const acc_t scale = static_cast<acc_t>(p.scale);
 
   at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
@@ -60,10 +63,15 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
           pack_rows(dov, b, h, i0, rows, D, acc_t(1), no_rope, false, do_tile.data());
           pack_rows(ov, b, h, i0, rows, D, acc_t(1), no_rope, false, o_tile.data());
           for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row = (b * p.heads_q + h) * p.seq_q + i0 + r;
+            row_lse[r] = lse_data[row];
             delta[r] = at::vec::map2_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return x * y; },
                                                        [](Vec<acc_t> x, Vec<acc_t> y) { return x + y; },
                                                        do_tile.data() + r * D, o_tile.data() + r * D, D);
-            row_lse[r] = lse_data[(b * p.heads_q + h) * p.seq_q + i0 + r];
+            // A row without a visible key (lse -inf) has P = 0: its dLSE must not reach delta (0 * inf is NaN).
+            if (grad_lse_data && row_lse[r] != -std::numeric_limits<acc_t>::infinity()) {
+              delta[r] -= grad_lse_data[row];
+            }
           }
           std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
 
@@ -98,7 +106,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
               const acc_t* dp = dprobs.data() + r * cols;
               at::vec::map2<acc_t>([d = Vec<acc_t>(delta[r])](Vec<acc_t> pr, Vec<acc_t> g) { return pr * (g - d); },
                                    ds, ds, dp, cols);
-              if (relative) {
+              if (table_grad) {
                 const int64_t lo = std::clamp(intervals.rows[r].first - n0, int64_t{0}, cols);
                 const int64_t hi = std::clamp(intervals.rows[r].last - n0, int64_t{0}, cols);
                 accumulate_relative_grad(ds, lo, hi, d_rel_partial.data() + (b * p.heads_q + h) * p.rel_bias_stride_h(),
@@ -117,7 +125,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       store_rows(dv_acc.data(), p.seq_k, D, acc_t(1), no_rope, false, dvv, b, kv_h, 0);
     }
   });
-  if (relative) {
+  if (table_grad) {
     float* d_rel = d_rel_bias.data_ptr<float>();
     const int64_t per_batch = p.heads_q * p.rel_bias_stride_h();
     for (int64_t idx = 0; idx < per_batch; ++idx) {
@@ -130,17 +138,14 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& out, const at::Tensor& lse,
-                                                                  const AttentionParams& p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor d_rel_bias,
+    const AttentionParams& p) {
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  // (Hq, 2, max_distance + 1) fp32 for pos = relative, else empty.
-  auto d_rel_bias = p.pos == PosKind::kRelative
-                        ? at::empty({p.heads_q, 2, p.max_distance + 1}, q.options().dtype(at::kFloat))
-                        : at::empty({0}, q.options().dtype(at::kFloat));
+  const at::Tensor* grad_lse_ptr = grad_lse.has_value() ? &*grad_lse : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_out, q, k, v, out, lse, dq, dk, dv, d_rel_bias, p);
+    backward_impl<scalar_t>(grad_out, grad_lse_ptr, q, k, v, out, lse, dq, dk, dv, d_rel_bias, p);
   });
   return {dq, dk, dv, d_rel_bias};
 }

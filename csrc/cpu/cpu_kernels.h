@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 #include "fused_pos_attn/attention_params.h"
@@ -13,11 +14,13 @@ namespace fused_pos_attn::cpu {
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const AttentionParams& params);
 
-// Gradients of attention_forward's out: dq like q, dk like k, dv like v, and d_rel_bias
-// (Hq, 2, max_distance + 1) fp32 for pos = relative (empty otherwise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& out, const at::Tensor& lse,
-                                                                  const AttentionParams& params);
+// Gradients of attention_forward's out and lse: dq like q, dk like k, dv like v, for grad_out like q and
+// grad_lse (B, Hq, Nq) like lse or undefined (zero): delta = rowsum(dO * O) - dLSE. d_rel_bias: the relative
+// table's gradient (Hq, 2, max_distance + 1) fp32 to fill when pos is relative, or empty to skip that work;
+// it is returned as the fourth tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor d_rel_bias,
+    const AttentionParams& params);
 
 }  // namespace fused_pos_attn::cpu

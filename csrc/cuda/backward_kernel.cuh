@@ -1,13 +1,19 @@
 // CUDA attention backward kernels (FlashAttention-2), three of them:
-//   1. preprocess: delta = rowsum(dO * O) (fp32), one warp per query row.
+//   1. preprocess: delta = rowsum(dO * O) - dLSE (fp32), one warp per query row (dLSE: the gradient of the
+//      returned LSE, zero when absent or when the row has no visible key).
 //   2. dK / dV: one block of 4 warps per (64 keys, kv head, batch); each warp owns 16 keys, keeps their dK and
 //      dV in registers and walks every query head of its GQA group and every query tile that can see the
 //      block (tiles that cannot are skipped). Per tile it recomputes S^T = K Q^T and P^T = exp2(S^T - LSE),
 //      then dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and adds dS K, the tile's
 //      share of dQ, to an fp32 dq_accum with atomics (FlashAttention-2's choice: no second pass over the keys,
 //      at the price of nondeterministic summation order in dq). The relative table's gradient is dS summed
-//      per distance, also with fp32 atomics (one per warp when the whole warp tile is beyond max_distance).
+//      per distance: per tile along its diagonals (one distance each) in shared memory, then added to the
+//      block's own copy of the table row in shared memory, written once per (block, query head) as a partial
+//      row (add_tile_table_grad below).
 //   3. dq: dq = dq_accum * scale, rotated back for RoPE, cast to the input dtype.
+//   4. relative table gradient only: the partial rows summed over batch and key blocks in a fixed order, so the
+//      table gradient is deterministic. A table too large for shared memory (rel_table_in_shared_memory) takes
+//      the tiles' diagonal sums with fp32 atomics into the table instead (no partial rows, no kernel 4).
 // q and k are rotated in shared memory as their tiles load, so every product runs on rotated q' / k';
 // gradients w.r.t. q' / k' are mapped back with the transposed rotation (dK in this kernel's epilogue, dQ in
 // kernel 3). Scores and LSE are in the log2 domain inside the kernels.
@@ -23,18 +29,22 @@ namespace fused_pos_attn::gpu {
 
 template <int kHeadDim>
 struct BackwardConfig {
-  static constexpr int kBlockN = 64;                         // keys per block: 4 warps x 16
+  static constexpr int kBlockN = kBackwardBlockN;            // keys per block: 4 warps x 16
   static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;   // query rows per step (registers bound it at D=128)
   static constexpr int kStride = kHeadDim + 8;               // padded shared row stride of K, V, Q, dO
   static constexpr int kDsStride = kBlockM + 8;              // padded shared row stride of dS^T (keys x queries)
   static constexpr int kDkStride = kHeadDim + 4;             // fp32 dK staging row stride (RoPE epilogue)
+  static constexpr int kDsF32Stride = kBlockM + 4;           // fp32 dS^T row stride (relative table gradient)
+  static constexpr int kDiagonals = kBlockM + kBlockN - 1;   // query - key offsets in a tile: one thread each
+  static_assert(kDiagonals <= kThreads, "a tile's diagonals must fit the block's threads");
   // dQ tile (kBlockM x D) = dS K, split over the 4 warps: kBlockM / 16 row groups x column slices.
   static constexpr int kDqRowGroups = kBlockM / 16;
   static constexpr int kDqCols = kHeadDim / (4 / kDqRowGroups);
   static_assert(4 % kDqRowGroups == 0 && kDqCols % 16 == 0, "dQ work must split evenly over 4 warps");
 
-  // Shared memory, in bytes from the start: K, V (whole block), Q, dO (per query tile), dS^T, then the
-  // query tile's QueryRow entries.
+  // Shared memory, in bytes from the start: K, V (whole block), Q, dO (per query tile), dS^T, the query
+  // tile's QueryRow entries; then, only when the relative table needs a gradient, the tile's dS^T in fp32, a
+  // scratch of 2 floats per warp, and the block's table row (row_entries fp32, rel_table_in_shared_memory).
   template <typename T>
   struct Layout {
     static constexpr int kv_tile = kBlockN * kStride * static_cast<int>(sizeof(T));
@@ -42,15 +52,26 @@ struct BackwardConfig {
     static constexpr int k = 0, v = k + kv_tile, q = v + kv_tile, dout = q + q_tile, ds = dout + q_tile;
     static constexpr int rows = ds + kBlockN * kDsStride * static_cast<int>(sizeof(T));
     static constexpr int end = rows + kBlockM * 16;
+    static constexpr int ds_f32 = end;
+    static constexpr int far_sums = ds_f32 + kBlockN * kDsF32Stride * 4;
+    static constexpr int rel_row = far_sums + kThreads / kWarpSize * 2 * 4;
     static constexpr int dk_staging = kBlockN * kDkStride * 4;  // aliases everything after the main loop
     static constexpr int bytes = end > dk_staging ? end : dk_staging;
+
+    // Dynamic shared memory of a launch: bytes, plus the table-gradient regions when table_grad.
+    static constexpr int launch_bytes(bool table_grad, int64_t row_entries) {
+      const int with_table = rel_row + static_cast<int>(row_entries) * 4;
+      return table_grad && with_table > bytes ? with_table : bytes;
+    }
+    // The largest launch: the relative table gradient with the largest row kept in shared memory.
+    static constexpr int max_bytes = launch_bytes(true, kMaxSharedRelEntries);
   };
 };
 
 // What the dK / dV kernel needs of one query row besides q and dO (one 16-byte shared load).
 struct alignas(16) QueryRow {
   float lse_log2;           // LSE in log2 units; +inf for a row without visible key, so exp2(s - lse) = 0
-  float delta;              // rowsum(dO * O)
+  float delta;              // rowsum(dO * O) - dLSE
   int key_first, key_last;  // visible key interval (position.h visible_keys)
 };
 
@@ -59,15 +80,19 @@ struct BackwardArgs {
   const float* lse;    // (B, Hq, Nq), natural log
   const float* delta;  // (B, Hq, Nq)
   float* dq_accum;     // (B, Hq, Nq, D)
-  float* d_rel_bias;   // (Hq, 2, max_distance + 1) when relative
+  float* d_rel_bias;   // (Hq, 2, max_distance + 1) when relative and the table needs a gradient, else null
+  // (B, key blocks, Hq, 2 * (max_distance + 1)): each block's table row per query head, when the row is kept in
+  // shared memory (rel_table_in_shared_memory); null otherwise (the tiles then add to d_rel_bias atomically).
+  float* d_rel_partial;
   bool vec16;          // grad_out, q, k, v all allow 16-byte cp.async
 };
 
-// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]: one warp per row.
+// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] - dLSE[b, h, i]: one warp per row. grad_lse may be null
+// (zero); a row whose lse is -inf has P = 0, so its dLSE is left out (it could only turn 0 into NaN).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_preprocess_kernel(const __grid_constant__ AttentionParams p, const Tensor4 grad_out,
-                                         const Tensor4 out, float* delta) {
+                                         const Tensor4 out, const float* lse, const float* grad_lse, float* delta) {
   const int64_t rows = p.batch * p.heads_q * p.seq_q;
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarpSize; r < rows;
@@ -80,7 +105,59 @@ __global__ void __launch_bounds__(kThreads)
     for (int d = lane; d < p.head_dim; d += kWarpSize) sum += to_float(d_o[d]) * to_float(o[d]);
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) delta[r] = sum;
+    if (lane == 0) delta[r] = grad_lse != nullptr && lse[r] != -INFINITY ? sum - grad_lse[r] : sum;
+  }
+}
+
+// *entry += value: a plain add into the block's own shared row, an atomic one into global memory.
+__device__ __forceinline__ void add_table_grad(float* entry, float value, bool shared) {
+  if (shared) {
+    *entry += value;
+  } else {
+    atomicAdd(entry, value);
+  }
+}
+
+// One tile's share of the relative table's gradient. s_ds_f32: the tile's dS^T (kBlockN keys x kBlockM queries,
+// fp32, row stride kStride; 0 where not visible). Every (query, key) on a diagonal query - key = offset is at
+// distance rel = rel0 + offset, so one table entry: thread d sums diagonal d in key order. Diagonals nearer than
+// max_distance map to distinct entries; the far ones on each side share one entry, summed over the block first
+// (warp shuffles, then the warps in order, through s_far). row: the block's own shared row (plain adds, so
+// deterministic) or the table in global memory (shared false: atomics). Contains a block barrier.
+template <int kBlockM, int kBlockN, int kStride>
+__device__ __forceinline__ void add_tile_table_grad(const float* s_ds_f32, float* s_far, int rel0,
+                                                    int64_t max_distance, float* row, bool shared) {
+  const int d = threadIdx.x, offset = d - (kBlockN - 1);
+  const bool diagonal = d < kBlockM + kBlockN - 1;
+  float sum = 0.0f;
+  if (diagonal) {
+    const int key_first = offset < 0 ? -offset : 0, key_last = kBlockM - offset < kBlockN ? kBlockM - offset : kBlockN;
+    for (int key = key_first; key < key_last; ++key) sum += s_ds_f32[key * kStride + key + offset];
+  }
+  const int rel = rel0 + offset;  // rel0 is clamped to +-2^30: no overflow
+  const bool far_after = diagonal && rel <= -max_distance, far_before = diagonal && rel >= max_distance;
+  if (diagonal && !far_after && !far_before && sum != 0.0f) {
+    add_table_grad(row + relative_bias_index(rel, max_distance), sum, shared);
+  }
+  float after = far_after ? sum : 0.0f, before = far_before ? sum : 0.0f;
+#pragma unroll
+  for (int step = kWarpSize / 2; step > 0; step /= 2) {
+    after += __shfl_xor_sync(0xffffffffu, after, step);
+    before += __shfl_xor_sync(0xffffffffu, before, step);
+  }
+  if (threadIdx.x % kWarpSize == 0) {
+    s_far[2 * (threadIdx.x / kWarpSize)] = after;
+    s_far[2 * (threadIdx.x / kWarpSize) + 1] = before;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    after = before = 0.0f;
+    for (int w = 0; w < kThreads / kWarpSize; ++w) {
+      after += s_far[2 * w];
+      before += s_far[2 * w + 1];
+    }
+    if (after != 0.0f) add_table_grad(row + relative_bias_index(-max_distance, max_distance), after, shared);
+    if (before != 0.0f) add_table_grad(row + relative_bias_index(max_distance, max_distance), before, shared);
   }
 }
 
@@ -92,6 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   using Layout = typename Cfg::template Layout<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
   constexpr int kDsStride = Cfg::kDsStride, kDqCols = Cfg::kDqCols, kDqRowGroups = Cfg::kDqRowGroups;
+  constexpr int kDsF32Stride = Cfg::kDsF32Stride;
   constexpr int kDSteps = kHeadDim / 16;  // k-steps over the head dim
   constexpr int kMTiles = kBlockM / 8;    // n8 tiles of S^T (per warp: 16 keys x kBlockM queries)
   constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of dK, dV (per warp: 16 keys x kHeadDim)
@@ -103,6 +181,9 @@ __global__ void __launch_bounds__(kThreads)
   T* s_do = reinterpret_cast<T*>(smem + Layout::dout);
   T* s_ds = reinterpret_cast<T*>(smem + Layout::ds);
   QueryRow* s_rows = reinterpret_cast<QueryRow*>(smem + Layout::rows);
+  float* s_ds_f32 = reinterpret_cast<float*>(smem + Layout::ds_f32);  // relative table gradient only
+  float* s_far = reinterpret_cast<float*>(smem + Layout::far_sums);
+  float* s_rel_row = reinterpret_cast<float*>(smem + Layout::rel_row);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
   const int n0 = blockIdx.x * kBlockN, kv_h = blockIdx.y, b = blockIdx.z;
@@ -112,6 +193,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t q_off = p.q_offset[b], k_off = p.k_offset[b];
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
   const bool relative = p.pos == PosKind::kRelative;
+  const bool table_grad = args.d_rel_bias != nullptr;  // relative, and the table needs a gradient
+  const bool row_in_smem = table_grad && args.d_rel_partial != nullptr;  // else atomics into d_rel_bias
+  const int row_entries = static_cast<int>(2 * (p.max_distance + 1));
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
   const T* k_head = static_cast<const T*>(args.k.data) + b * args.k.stride_b + kv_h * args.k.stride_h;
@@ -136,7 +220,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row_base = (static_cast<int64_t>(b) * p.heads_q + h) * p.seq_q;  // (b, h) row of lse / delta
     const float slope_log2 = alibi ? p.slopes[b * p.slope_stride_b + h * p.slope_stride_h] * kLog2e : 0.0f;
     const float* rel_table = relative ? p.rel_bias + h * 2 * (p.max_distance + 1) : nullptr;
-    float* d_rel_table = relative ? args.d_rel_bias + h * 2 * (p.max_distance + 1) : nullptr;
+    float* d_rel_row = row_in_smem ? s_rel_row : (table_grad ? args.d_rel_bias + h * row_entries : nullptr);
+    if (row_in_smem) {  // zero this head's row (the tile loop's barriers publish it before any add)
+      for (int e = threadIdx.x; e < row_entries; e += kThreads) s_rel_row[e] = 0.0f;
+    }
 
     for (int m0 = 0; m0 < seq_q; m0 += kBlockM) {
       // Skip query tiles none of whose rows sees a key of this block (visible intervals are monotone in the row).
@@ -186,11 +273,6 @@ __global__ void __launch_bounds__(kThreads)
       // P^T (into st) and dS^T = P^T (dP^T - delta) (into dpt). rel = pq - pk, pq - pk of (query m0, key n0)
       // saturated like position.h's clamp_rel so per-element math stays in int32.
       const int rel0 = static_cast<int>(clamp_rel(q_off + m0 - (k_off + n0)));
-      // When every (query, key) of the warp tile is max_distance or more apart on one side, all of its dS
-      // goes to one table entry: summed over the warp, one atomic.
-      const int rel_min = rel0 - (warp * 16 + 15), rel_max = rel0 + kBlockM - 1 - warp * 16;
-      const bool rel_uniform = relative && (rel_min >= p.max_distance || rel_max <= -p.max_distance);
-      float ds_sum = 0.0f;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -209,21 +291,7 @@ __global__ void __launch_bounds__(kThreads)
           const float ds = prob * (dpt[mt][e] - query.delta);
           st[mt][e] = prob;
           dpt[mt][e] = ds;
-          if (relative) {
-            if (rel_uniform) {
-              ds_sum += ds;
-            } else if (visible) {
-              atomicAdd(d_rel_table + relative_bias_index(rel, p.max_distance), ds);
-            }
-          }
         }
-      }
-      if (rel_uniform) {
-#pragma unroll
-        for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-          ds_sum += __shfl_xor_sync(0xffffffffu, ds_sum, offset);
-        }
-        if (lane == 0) atomicAdd(d_rel_table + relative_bias_index(rel_min, p.max_distance), ds_sum);
       }
 
       // dV += P^T dO and dK += dS^T Q' (k-steps over the tile's queries).
@@ -244,13 +312,17 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
 
-      // dS^T to shared memory: dQ needs it with queries as rows.
+      // dS^T to shared memory: dQ needs it with queries as rows; the table gradient in fp32.
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
           *reinterpret_cast<uint32_t*>(s_ds + key_local[rr] * kDsStride + mt * 8 + 2 * t) =
               pack2<T>(dpt[mt][2 * rr], dpt[mt][2 * rr + 1]);
+          if (table_grad) {
+            *reinterpret_cast<float2*>(s_ds_f32 + key_local[rr] * kDsF32Stride + mt * 8 + 2 * t) =
+                make_float2(dpt[mt][2 * rr], dpt[mt][2 * rr + 1]);
+          }
         }
       }
       __syncthreads();
@@ -283,7 +355,17 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      if (table_grad) {
+        add_tile_table_grad<kBlockM, kBlockN, kDsF32Stride>(s_ds_f32, s_far, rel0, p.max_distance, d_rel_row,
+                                                            row_in_smem);
+      }
       __syncthreads();  // the next tile overwrites s_q, s_do, s_ds and the row arrays
+    }
+    if (row_in_smem) {  // this block's partial row for head h
+      float* partial = args.d_rel_partial + ((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * p.heads_q + h) *
+                                                row_entries;
+      for (int e = threadIdx.x; e < row_entries; e += kThreads) partial[e] = s_rel_row[e];
+      __syncthreads();  // before the next head zeroes the row
     }
   }
 
@@ -349,6 +431,19 @@ __global__ void __launch_bounds__(kThreads)
       value = rope_rotate_back(value, dq_accum[r * head_dim + col.partner] * scale, col, p.q_offset[b] + i, p);
     }
     static_cast<T*>(dq.data)[b * dq.stride_b + h * dq.stride_h + i * dq.stride_n + d] = from_float<T>(value);
+  }
+}
+
+// d_rel_bias[h, e] = the sum over (batch, key block) of the dK / dV blocks' partial rows, in a fixed order.
+__global__ void __launch_bounds__(kThreads)
+    attention_backward_rel_reduce_kernel(const __grid_constant__ AttentionParams p, const float* partial,
+                                         int key_blocks, float* d_rel_bias) {
+  const int64_t row_entries = 2 * (p.max_distance + 1), total = p.heads_q * row_entries;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float sum = 0.0f;
+    for (int64_t block = 0; block < p.batch * key_blocks; ++block) sum += partial[block * total + e];
+    d_rel_bias[e] = sum;
   }
 }
 

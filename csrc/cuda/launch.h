@@ -29,18 +29,40 @@ constexpr bool supported_head_dim(int64_t head_dim) { return head_dim == 64 || h
 cudaError_t attention_forward(const AttentionParams& p, DType dtype, const Tensor4& q, const Tensor4& k,
                               const Tensor4& v, const Tensor4& out, float* lse, cudaStream_t stream);
 
+constexpr int kBackwardBlockN = 64;  // keys per block of the backward's dK / dV kernel
+
+// The backward keeps the relative table's gradient row (2 * (max_distance + 1) fp32) of each dK / dV block in
+// shared memory, written once per (block, query head) and reduced in a fixed order (deterministic), when the row
+// has at most kMaxSharedRelEntries entries; larger tables take fp32 atomics instead.
+constexpr int64_t kMaxSharedRelEntries = 1024;
+
+inline bool rel_table_in_shared_memory(const AttentionParams& p) {
+  return p.pos == PosKind::kRelative && p.rel_bias_stride_h() <= kMaxSharedRelEntries;
+}
+
+// Size of BackwardWorkspace::d_rel_partial: (B, key blocks, Hq, 2 * (max_distance + 1)) fp32 when the table needs
+// a gradient (table_grad) and its rows fit shared memory, else 0.
+inline int64_t rel_partial_floats(const AttentionParams& p, bool table_grad) {
+  if (!table_grad || !rel_table_in_shared_memory(p)) return 0;
+  return p.batch * ((p.seq_k + kBackwardBlockN - 1) / kBackwardBlockN) * p.heads_q * p.rel_bias_stride_h();
+}
+
 // Scratch of the backward, device memory the caller allocates; the launcher initializes it.
 struct BackwardWorkspace {
   float* dq_accum = nullptr;  // (B, Hq, Nq, D) fp32: dQ of the rotated q, summed by atomics over key blocks
-  float* delta = nullptr;     // (B, Hq, Nq) fp32: rowsum(dO * O)
+  float* delta = nullptr;     // (B, Hq, Nq) fp32: rowsum(dO * O) - dLSE
+  float* d_rel_partial = nullptr;  // rel_partial_floats(p, d_rel_bias != null) fp32, or null when that is 0
 };
 
 // FlashAttention-2 backward: preprocess (delta), one dK/dV kernel per key block that also adds its share of
 // dQ into ws.dq_accum with fp32 atomics, then a kernel turning dq_accum into dq (scale, RoPE rotated back,
-// cast). dk / dv like k / v, dq like q (even stride_n / stride_h). d_rel_bias: (Hq, 2, max_distance + 1) fp32,
-// zeroed here and accumulated with atomics when p.pos is relative (may be null otherwise). lse as forward.
-cudaError_t attention_backward(const AttentionParams& p, DType dtype, const Tensor4& grad_out, const Tensor4& q,
-                               const Tensor4& k, const Tensor4& v, const Tensor4& out, const float* lse,
+// cast). dk / dv like k / v, dq like q (even stride_n / stride_h). grad_lse: the gradient of lse, (B, Hq, Nq)
+// fp32 contiguous, or null (zero). d_rel_bias: (Hq, 2, max_distance + 1) fp32, written here when p.pos is
+// relative (from per-block partial rows in ws.d_rel_partial, or with atomics for large tables); null skips the
+// table gradient. lse as forward.
+cudaError_t attention_backward(const AttentionParams& p, DType dtype, const Tensor4& grad_out, const float* grad_lse,
+                               const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor4& out,
+                               const float* lse,
                                const Tensor4& dq, const Tensor4& dk, const Tensor4& dv, float* d_rel_bias,
                                const BackwardWorkspace& ws, cudaStream_t stream);
 

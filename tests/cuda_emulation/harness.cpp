@@ -1,8 +1,8 @@
 // Host harness for tests/test_cuda_emulated.py: launches the kernel templates of csrc/cuda/forward_kernel.cuh
 // and backward_kernel.cuh block by block on emulated threads (emu_runtime.h), with the grids and workspace
 // initialization of the launchers in attention_forward.cu / attention_backward.cu (and their choice of
-// cp.async or element copies, allows_cp_async). C entry points for ctypes;
-// arguments follow the op schema of csrc/ops.cpp.
+// cp.async or element copies, allows_cp_async). C entry points for ctypes; the op's position and masking
+// arguments arrive as an EmuArg array in FPA_CALL_ARGS order (the op schema's), the rest as pointers and strides.
 #include <functional>
 #include <thread>
 #include <type_traits>
@@ -43,18 +43,48 @@ void run_grid(emu::Dim grid, const std::function<void()>& kernel) {
       }
 }
 
-AttentionParams make_params(const int64_t* shape, const int64_t* q_offset, const int64_t* k_offset, int pos,
-                            const float* slopes, const int64_t* slope_strides, const float* inv_freq, int rotary_dim,
-                            int interleaved, double attention_factor, const float* rel_bias, int64_t max_distance,
-                            int causal, int64_t window, double scale) {
+// One op argument as ctypes passes it (test_cuda_emulated.EmuArg): a tensor (data pointer and up to 4 strides),
+// an int or bool, or a float.
+struct HostTensor {
+  void* data;
+  int64_t strides[4];
+  template <typename T>
+  T* data_ptr() const { return static_cast<T*>(data); }
+  int64_t stride(int dim) const { return strides[dim]; }
+};
+struct EmuArg {
+  HostTensor tensor;
+  int64_t integer;
+  double real;
+};
+
+// The op's position and masking arguments (attention_params.h's FPA_CALL_ARGS), one member per entry.
+#define EMU_TYPE_Tensor HostTensor
+#define EMU_TYPE_int int64_t
+#define EMU_TYPE_bool bool
+#define EMU_TYPE_float double
+#define EMU_MEMBER(schema_type, name, field_type) EMU_TYPE_##schema_type name;
+struct EmuCallArgs {
+  FPA_CALL_ARGS(EMU_MEMBER)
+};
+
+void unpack(const EmuArg& a, HostTensor& t) { t = a.tensor; }
+void unpack(const EmuArg& a, int64_t& i) { i = a.integer; }
+void unpack(const EmuArg& a, bool& b) { b = a.integer != 0; }
+void unpack(const EmuArg& a, double& x) { x = a.real; }
+
+// AttentionParams from the shapes (B, Hq, Hkv, Nq, Nk, D) and the op arguments in FPA_CALL_ARGS order, filled as
+// ops.cpp fills them (fill_call_args).
+AttentionParams make_params(const int64_t* shape, const EmuArg* call_args) {
+  EmuCallArgs args;
+  int index = 0;
+#define EMU_UNPACK(schema_type, name, field_type) unpack(call_args[index++], args.name);
+  FPA_CALL_ARGS(EMU_UNPACK)
+#undef EMU_UNPACK
   AttentionParams p;
   p.batch = shape[0], p.heads_q = shape[1], p.heads_kv = shape[2], p.seq_q = shape[3], p.seq_k = shape[4];
   p.head_dim = shape[5];
-  p.q_offset = q_offset, p.k_offset = k_offset, p.pos = static_cast<PosKind>(pos);
-  p.slopes = slopes, p.slope_stride_b = slope_strides[0], p.slope_stride_h = slope_strides[1];
-  p.inv_freq = inv_freq, p.rotary_dim = rotary_dim, p.interleaved = interleaved;
-  p.attention_factor = attention_factor, p.rel_bias = rel_bias, p.max_distance = max_distance;
-  p.causal = causal, p.window = window, p.scale = scale;
+  fill_call_args(p, args);
   return p;
 }
 
@@ -73,17 +103,10 @@ Tensor4 tensor4(void* data, const int64_t* strides) { return Tensor4{data, strid
 
 }  // namespace
 
-#define EMU_PARAMS                                                                                              \
-  int dtype, const int64_t *shape, const int64_t *q_offset, const int64_t *k_offset, int pos,       \
-      const float *slopes, const int64_t *slope_strides, const float *inv_freq, int rotary_dim, int interleaved, \
-      double attention_factor, const float *rel_bias, int64_t max_distance, int causal, int64_t window, double scale
-#define EMU_MAKE_PARAMS                                                                                         \
-  make_params(shape, q_offset, k_offset, pos, slopes, slope_strides, inv_freq, rotary_dim, interleaved,        \
-              attention_factor, rel_bias, max_distance, causal, window, scale)
-
-extern "C" void emu_forward(EMU_PARAMS, void* q, const int64_t* q_strides, void* k, const int64_t* k_strides,
-                            void* v, const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse) {
-  const AttentionParams p = EMU_MAKE_PARAMS;
+extern "C" void emu_forward(int dtype, const int64_t* shape, const EmuArg* call_args, void* q,
+                            const int64_t* q_strides, void* k, const int64_t* k_strides, void* v,
+                            const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse) {
+  const AttentionParams p = make_params(shape, call_args);
   check_grid(p);
   const Tensor4 q4 = tensor4(q, q_strides), k4 = tensor4(k, k_strides), v4 = tensor4(v, v_strides);
   const ForwardArgs args{q4, k4, v4, tensor4(out, out_strides), lse,
@@ -98,29 +121,42 @@ extern "C" void emu_forward(EMU_PARAMS, void* q, const int64_t* q_strides, void*
   });
 }
 
-extern "C" void emu_backward(EMU_PARAMS, void* grad_out, const int64_t* grad_out_strides, void* q,
+extern "C" void emu_backward(int dtype, const int64_t* shape, const EmuArg* call_args, void* grad_out,
+                             const int64_t* grad_out_strides, const float* grad_lse, void* q,
                              const int64_t* q_strides, void* k, const int64_t* k_strides, void* v,
                              const int64_t* v_strides, void* out, const int64_t* out_strides, const float* lse,
                              void* dq, const int64_t* dq_strides, void* dk, const int64_t* dk_strides, void* dv,
                              const int64_t* dv_strides, float* d_rel_bias, float* dq_accum, float* delta) {
-  const AttentionParams p = EMU_MAKE_PARAMS;
+  const AttentionParams p = make_params(shape, call_args);
   check_grid(p);
   const Tensor4 do4 = tensor4(grad_out, grad_out_strides), q4 = tensor4(q, q_strides), k4 = tensor4(k, k_strides);
   const Tensor4 v4 = tensor4(v, v_strides);
   const bool vec16 = allows_cp_async(do4) && allows_cp_async(q4) && allows_cp_async(k4) && allows_cp_async(v4);
-  const BackwardArgs args{do4, q4, k4, v4, tensor4(dk, dk_strides), tensor4(dv, dv_strides),
-                          lse, delta, dq_accum, d_rel_bias, vec16};
+  // As the launcher: d_rel_bias null (no table gradient) unless relative; per-block partial rows when they fit.
+  float* d_table = p.pos == PosKind::kRelative ? d_rel_bias : nullptr;  // null: no table gradient
+  std::vector<float> d_rel_partial(rel_partial_floats(p, d_table != nullptr), NAN);
+  const BackwardArgs args{do4, q4, k4, v4, tensor4(dk, dk_strides), tensor4(dv, dv_strides), lse, delta, dq_accum,
+                          d_table, d_rel_partial.empty() ? nullptr : d_rel_partial.data(), vec16};
   const Tensor4 out4 = tensor4(out, out_strides), dq4 = tensor4(dq, dq_strides);
   dispatch(dtype, p.head_dim, [&](auto* t, auto head_dim) {
     using T = std::remove_pointer_t<decltype(t)>;
     constexpr int kHeadDim = decltype(head_dim)::value;
     using Cfg = BackwardConfig<kHeadDim>;
     memset(dq_accum, 0, sizeof(float) * p.batch * p.heads_q * p.seq_q * kHeadDim);
-    if (p.pos == PosKind::kRelative) memset(d_rel_bias, 0, sizeof(float) * p.heads_q * 2 * (p.max_distance + 1));
-    run_grid({3, 1, 1}, [&] { attention_backward_preprocess_kernel<T>(p, args.grad_out, out4, delta); });
+    static_assert(Cfg::template Layout<T>::max_bytes <= sizeof(smem), "the emulated shared memory is too small");
+    if (args.d_rel_bias && !args.d_rel_partial) {
+      memset(args.d_rel_bias, 0, sizeof(float) * p.heads_q * p.rel_bias_stride_h());
+    }
+    run_grid({3, 1, 1},
+             [&] { attention_backward_preprocess_kernel<T>(p, args.grad_out, out4, lse, grad_lse, delta); });
     const emu::Dim grid{static_cast<unsigned>((p.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
                         static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch)};
     run_grid(grid, [&] { attention_backward_dkdv_kernel<T, kHeadDim>(p, args); });
     run_grid({5, 1, 1}, [&] { attention_backward_dq_kernel<T>(p, dq_accum, dq4); });
+    if (args.d_rel_partial) {
+      run_grid({2, 1, 1}, [&] {
+        attention_backward_rel_reduce_kernel(p, args.d_rel_partial, static_cast<int>(grid.x), args.d_rel_bias);
+      });
+    }
   });
 }

@@ -17,7 +17,25 @@
 
 namespace fused_pos_attn {
 
-enum class PosKind : int { kNone = 0, kAlibi = 1, kRope = 2, kRelative = 3 };
+// The position schemes, X(name, enumerator, code): the one C++ table of scheme codes. Python's is
+// fused_pos_attn.triton_kernels.scheme_codes.SCHEME_CODES (name -> code); the op scheme_codes() returns this one
+// and tests/test_scheme_codes.py checks that the two agree.
+#define FPA_POS_KINDS(X) \
+  X(none, kNone, 0)      \
+  X(alibi, kAlibi, 1)    \
+  X(rope, kRope, 2)      \
+  X(relative, kRelative, 3)
+
+#define FPA_POS_ENUMERATOR(name, enumerator, code) enumerator = code,
+enum class PosKind : int { FPA_POS_KINDS(FPA_POS_ENUMERATOR) };
+#undef FPA_POS_ENUMERATOR
+
+// True when code is one of PosKind's codes.
+FPA_HOST_DEVICE bool is_pos_kind(int64_t code) {
+#define FPA_POS_CODE_MATCHES(name, enumerator, code_value) code == code_value ||
+  return FPA_POS_KINDS(FPA_POS_CODE_MATCHES) false;
+#undef FPA_POS_CODE_MATCHES
+}
 
 // Relative distances saturate at +-2^30 so tile arithmetic stays in int32 (as in the Triton kernels).
 constexpr int64_t kRelClamp = int64_t{1} << 30;

@@ -1,0 +1,117 @@
+"""The native ops of the C++ extension fused_pos_attn._C: loading it safely, and calling
+torch.ops.fused_pos_attn.attention_forward / attention_backward. The CPU kernels serve CPU tensors and the
+CUDA C++ kernels (when built) CUDA tensors; cpu_backend and cuda_backend are thin adapters over this module.
+
+`op_args` is the one place the ops' per-call position / masking arguments are built. They are passed by
+keyword, so a name that differs from csrc's list (FPA_CALL_ARGS in csrc/include/fused_pos_attn/
+attention_params.h) fails loudly instead of binding to the wrong parameter.
+
+On x86-64 the extension is compiled with -mavx2 -mfma -mf16c (setup.py): loading it on a CPU without those
+features could die with SIGILL, so the CPU is checked first and a clear ImportError names what is missing.
+"""
+from __future__ import annotations
+
+import platform
+from typing import Optional
+
+import torch
+
+from fused_pos_attn.triton_kernels.scheme_codes import SCHEME_CODES
+
+from ..spec import AttentionSpec
+
+X86_FEATURES = ("avx2", "fma", "f16c")  # the instruction sets setup.py compiles the x86 CPU kernels for
+CPUINFO = "/proc/cpuinfo"
+
+
+def _x86_machine() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "x86-64")
+
+
+def _cpuinfo_flags() -> Optional[set[str]]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where it cannot be read."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def missing_cpu_features() -> list[str]:
+    """The entries of X86_FEATURES this CPU lacks ([] on other architectures). Linux reads /proc/cpuinfo;
+    elsewhere torch's CPU capability stands in (AVX2 or better implies FMA and F16C on every such CPU)."""
+    if not _x86_machine():
+        return []
+    flags = _cpuinfo_flags()
+    if flags is not None:
+        return [feature for feature in X86_FEATURES if feature not in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [] if capability.startswith(("AVX2", "AVX512")) else list(X86_FEATURES)
+
+
+def require_cpu_features() -> None:
+    """Raise ImportError naming the missing x86 features before the extension is loaded."""
+    missing = missing_cpu_features()
+    if missing:
+        required, lacking = (", ".join(f.upper() for f in features) for features in (X86_FEATURES, missing))
+        raise ImportError(
+            f"fused_pos_attn's native kernels (fused_pos_attn._C) are compiled for x86-64 CPUs with {required}, "
+            f"and this CPU lacks {lacking}; "
+            "loading them would crash the process (illegal instruction). Use backend='reference' on this machine, "
+            "or backend='triton' / 'cuda' for CUDA tensors.")
+
+
+def _load_extension():
+    require_cpu_features()
+    import fused_pos_attn._C  # noqa: F401  registers torch.ops.fused_pos_attn.*
+    return torch.ops.fused_pos_attn
+
+
+OPS = _load_extension()  # torch.ops.fused_pos_attn (tests may stand in for it)
+
+
+def built_with_cuda() -> bool:
+    """True when the extension was compiled with the CUDA kernels (a CUDA toolkit and a CUDA build of torch
+    at install time)."""
+    return OPS.build_info() == "cpu+cuda"
+
+
+def scheme_codes() -> dict[str, int]:
+    """The C++ table of position-scheme codes (position.h's PosKind), name -> code."""
+    names, codes = OPS.scheme_codes()
+    return dict(zip(names, codes))
+
+
+def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
+    """The ops' per-call position / masking arguments, by name (FPA_CALL_ARGS in attention_params.h).
+    Tensors a scheme does not use are small placeholders of the expected dtype on q's device."""
+    p = spec.position
+    batch, heads = q.shape[0], q.shape[1]
+    slopes = p.slopes if p.slopes is not None else torch.zeros(1, 1, device=q.device).expand(batch, heads)
+    inv_freq = p.inv_freq if p.inv_freq is not None else torch.zeros(0, device=q.device)
+    rel_bias = p.rel_bias.detach() if p.rel_bias is not None else torch.zeros(0, 2, 1, device=q.device)
+    return dict(q_offset=spec.q_offset, k_offset=spec.k_offset, pos=SCHEME_CODES[p.kind], slopes=slopes,
+                inv_freq=inv_freq, rotary_dim=p.rotary_dim, interleaved=p.interleaved,
+                attention_factor=p.attention_factor, rel_bias=rel_bias, max_distance=p.max_distance,
+                causal=spec.causal, window=spec.window or 0, scale=spec.scale)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32 (fp64 for fp64 inputs)."""
+    return OPS.attention_forward(q, k, v, **op_args(spec, q))
+
+
+def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: AttentionSpec,
+             rel_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """dq, dk, dv (like q, k, v) for grad_out (B, Hq, Nq, D) and grad_lse (B, Hq, Nq) like lse or None (zero),
+    and d_rel_table (Hq, num_buckets) fp32 when the scheme is relative and rel_grad, else None (the kernels
+    then skip the table-gradient work)."""
+    rel_grad = rel_grad and spec.position.kind == "relative"
+    dq, dk, dv, d_rel_bias = OPS.attention_backward(grad_out, grad_lse, q, k, v, out, lse, rel_grad,
+                                                    **op_args(spec, q))
+    return dq, dk, dv, (spec.position.rel_bias_grad_to_table(d_rel_bias) if rel_grad else None)
