@@ -247,3 +247,66 @@ def test_triton_rope_helpers_match_header(rotary_dim, main_block, interleaved):
     angle = probe([0], positions=pos_grid, inv_freq=freq_grid)["angle"].reshape(len(positions), pairs).double()
     assert torch.allclose(cos[:, :pairs].double(), torch.cos(angle) * factor, atol=2e-6, rtol=0)
     assert torch.allclose(sin[:, :pairs].double(), torch.sin(angle) * factor, atol=2e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ Triton relative gradient
+
+if HAS_TRITON:
+    @triton.jit
+    def _bucket_grad_probe_kernel(DS, Diag, RelBuckets, Out, max_distance, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, NUM_BUCKETS_BLOCK: tl.constexpr):
+        """Program i: the per-bucket sums (NUM_BUCKETS_BLOCK,) of tile DS[i] (BLOCK_M, BLOCK_N) at tile distance
+        Diag[i], from a zero accumulator."""
+        i = tl.program_id(0)
+        offs = i * BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        acc = tpos.add_relative_bucket_grad(tl.zeros([NUM_BUCKETS_BLOCK], tl.float32), tl.load(DS + offs),
+                                            tl.load(Diag + i), RelBuckets, max_distance, BLOCK_M, BLOCK_N,
+                                            NUM_BUCKETS_BLOCK)
+        tl.store(Out + i * NUM_BUCKETS_BLOCK + tl.arange(0, NUM_BUCKETS_BLOCK), acc)
+
+
+# Tile distances: inside the exact buckets, across rel = 0, straddling and past max_distance on both sides, saturated.
+TILE_DISTANCES = [0, 3, -3, 11, -11, 12, -12, 20, -40, 200, -200, CLAMP, -CLAMP]
+
+
+def _bucket_map(kind: str) -> tuple[torch.Tensor, int]:
+    """(2, MAX_DISTANCE + 1) int32 bucket of each distance-table entry, and the bucket count: T5's 16 buckets,
+    16 monotone on each side but shared by both (so equal end buckets alone do not make a tile one bucket), or
+    32 (the most the Triton backward takes) with gaps."""
+    distance = torch.arange(MAX_DISTANCE + 1, dtype=torch.int32)
+    if kind == "shared_ids":
+        return distance.expand(2, -1).contiguous(), 16
+    if kind == "spread_32":
+        return torch.stack((distance, 31 - distance.flip(0))), 32
+    position = RelativeBias(torch.zeros(1, 16), MAX_DISTANCE, kind == "bidirectional").resolve(
+        1, 1, 8, 10, torch.device("cpu"))
+    return position.rel_buckets, 16
+
+
+@needs_triton
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 16), (32, 32), (16, 32)])  # interpreter + dK/dV configs
+@pytest.mark.parametrize("buckets", ["bidirectional", "causal", "shared_ids", "spread_32"])
+def test_triton_bucket_grad_sums_each_bucket(block_m, block_n, buckets):
+    """add_relative_bucket_grad gives, per bucket, the sum of the tile elements whose distance falls in it:
+    tiles in one bucket (one sum) and tiles spanning several (diagonal sums), against a scatter-add in fp64."""
+    bucket_map, num_buckets = _bucket_map(buckets)
+    diag = torch.tensor(TILE_DISTANCES, dtype=torch.int32)
+    ds = torch.randn(len(diag), block_m, block_n, generator=torch.Generator().manual_seed(block_m + block_n))
+    out = torch.empty(len(diag), num_buckets, device=DEVICE)
+    _bucket_grad_probe_kernel[(len(diag),)](ds.to(DEVICE), diag.to(DEVICE), bucket_map.to(DEVICE), out,
+                                            MAX_DISTANCE, BLOCK_M=block_m, BLOCK_N=block_n,
+                                            NUM_BUCKETS_BLOCK=num_buckets)
+    rel = diag.long()[:, None, None] + torch.arange(block_m)[:, None] - torch.arange(block_n)[None, :]
+    index = probe(rel.flatten().tolist())["bias_index"].reshape(len(diag), -1)  # position.h's table index
+    bucket = bucket_map.flatten().long()[index]
+    want = torch.zeros(len(diag), num_buckets, dtype=torch.float64).scatter_add_(1, bucket,
+                                                                                 ds.double().reshape(len(diag), -1))
+    assert torch.allclose(out.cpu().double(), want, atol=1e-4, rtol=0)  # fp32 sums of up to 1024 terms
+    assert (bucket.min(1).values != bucket.max(1).values).sum() >= 4  # several tiles span more than one bucket
+
+
+@needs_triton
+def test_triton_scheme_tags_come_from_the_one_table():
+    from fused_pos_attn.triton_kernels.scheme_codes import SCHEME_CODES
+    tags = {name: getattr(tpos, f"POS_{name.upper()}").value for name in SCHEME_CODES}
+    assert tags == SCHEME_CODES

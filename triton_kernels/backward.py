@@ -1,32 +1,41 @@
-"""Attention backward, FlashAttention-2 style: preprocess (delta = rowsum(dO * O)), then dK/dV with a
+"""Attention backward, FlashAttention-2 style: preprocess (delta = rowsum(dO * O) - dLSE), then dK/dV with a
 program per key block, then dQ with a program per query block. Scores are recomputed from q, k and the
 saved LSE; with RoPE the kernels work on rotated tiles and rotate dq, dk back (transposed rotation). The
-relative bias table's gradient is accumulated by the dK/dV kernel with fp32 atomics (so its summation
-order, unlike dq / dk / dv, is not deterministic on a GPU)."""
+relative scheme's bucket-table gradient comes from the dK/dV kernel: each program sums its tiles' score
+gradients per bucket in registers and writes one partial row per query head, which the launcher sums (no
+atomics: deterministic and contention-free)."""
 import triton
 import triton.language as tl
 
 from .forward import key_block_range
-from .position import (LOG2E, POS_ALIBI, POS_RELATIVE, alibi_slope_log2, position_bias_log2, relative_bias_index,
-                       relative_positions, visible_mask)
-from .tiles import load_qk_tiles, load_tile, qk_dot, store_qk_grad
+from .position import (LOG2E, POS_ALIBI, POS_RELATIVE, add_relative_bucket_grad, alibi_slope_log2,
+                       position_bias_log2, relative_positions, tile_distance, visible_mask)
+from .tiles import load_qk_tiles, load_tile, qk_dot, store_qk_grad, store_tile
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(Out, DOut, Delta, stride_ob, stride_oh, stride_on, stride_od,
+def _attn_bwd_preprocess_kernel(Out, DOut, Lse, DLse, Delta, stride_ob, stride_oh, stride_on, stride_od,
                                 stride_dob, stride_doh, stride_don, stride_dod, num_heads, seq_len_q,
-                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta (B, Hq, Nq) fp32 = sum_d dO * O, the softmax-gradient row term."""
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
+    """Delta (B, Hq, Nq) fp32 = sum_d dO * O - dLSE, the softmax-gradient row term. DLse (B, Hq, Nq) fp32, the
+    gradient of the returned LSE, is read only when HAS_DLSE; rows with no visible key (LSE -inf) have P = 0
+    everywhere, so their dLSE is ignored rather than let through as a NaN or inf."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < seq_len_q
     o = load_tile(Out + b * stride_ob + h * stride_oh, offs_m, seq_len_q, stride_on, stride_od, offs_d, mask_d)
     do = load_tile(DOut + b * stride_dob + h * stride_doh, offs_m, seq_len_q, stride_don, stride_dod, offs_d, mask_d)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + (b * num_heads + h) * seq_len_q + offs_m, delta, mask=offs_m < seq_len_q)
+    rows = (b * num_heads + h) * seq_len_q + offs_m
+    if HAS_DLSE:
+        visible = tl.load(Lse + rows, mask=mask_m, other=float("-inf")) != float("-inf")
+        delta -= tl.load(DLse + rows, mask=visible, other=0.0)
+    tl.store(Delta + rows, delta, mask=mask_m)
 
 
 @triton.jit
@@ -53,7 +62,8 @@ def _load_row_stats(Lse, Delta, row_base, offs_m, seq_len_q):
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, Slopes, InvFreq, RelBias, DRelBias,
+def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, Slopes, InvFreq, RelBias, RelBuckets,
+                          DRelTable,
                           stride_qb, stride_qh, stride_qn, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
@@ -62,15 +72,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                           stride_sb, stride_sh, stride_rh,
                           num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
-                          max_distance, len_bucket_q, len_bucket_k,
+                          max_distance, num_buckets, len_bucket_q, len_bucket_k,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
                           PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr,
                           POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """dK, dV (B, Hkv, Nk, D) for one key block of one kv head, summed over its query-head group
-    (so no atomics), and for POS_RELATIVE the tile's share of DRelBias (Hq, 2, max_distance + 1) fp32
-    (atomics). Query blocks that cannot see this key block are skipped."""
+                          INTERLEAVED: tl.constexpr, DOT_PRECISION: tl.constexpr, REL_GRAD: tl.constexpr,
+                          NUM_BUCKETS_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV (B, Hkv, Nk, D) for one key block of one kv head, summed over its query-head group (so no
+    atomics). Query blocks that cannot see this key block are skipped.
+
+    REL_GRAD (POS_RELATIVE only): also the key block's share of the bucket-table gradient, one row of
+    DRelTable (key blocks, B, Hq, num_buckets) fp32 per query head, summed by the launcher. RelBuckets
+    (2, max_distance + 1) int32 maps each distance-table entry to its bucket; NUM_BUCKETS_BLOCK is the
+    power of two >= num_buckets that sizes the per-bucket register accumulator.
+    """
     start_n = tl.program_id(0) * BLOCK_N
     batch_head = tl.program_id(1)
     num_kv_heads = num_heads // num_kv_groups
@@ -110,6 +125,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DOut + b * stride_dob + h * stride_doh
         row_base = (b * num_heads + h) * seq_len_q
+        if REL_GRAD:
+            d_rel = tl.zeros([NUM_BUCKETS_BLOCK], tl.float32)  # this head's bucket gradient from this key block
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_main, q_pass = load_qk_tiles(Qh, offs_m, seq_len_q, stride_qn, stride_qd, q_off + offs_m, InvFreq,
@@ -123,20 +140,24 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, DK, DV, Lse, Delta, QOffset, KOffset, S
                              HAS_WINDOW, DOT_PRECISION)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])  # dL/dscore (natural-log domain), 0 where P is 0
-            if POS == POS_RELATIVE:
-                tl.atomic_add(DRelBias + h * stride_rh + relative_bias_index(rel, max_distance), ds,
-                              mask=(offs_m < seq_len_q)[:, None] & (offs_n < seq_len_k)[None, :])
+            ds = p * (dp - delta[:, None])  # dL/dscore (natural-log domain), exactly 0 where P is 0
             ds_t = tl.trans(ds.to(q_main.dtype))
             dk_main = tl.dot(ds_t, q_main, dk_main, input_precision=DOT_PRECISION)
             if HAS_PASS:
                 dk_pass = tl.dot(ds_t, q_pass, dk_pass, input_precision=DOT_PRECISION)
+            if REL_GRAD:  # the bias enters the score unscaled, so its gradient is ds; after the dots the q tiles
+                # are dead, which keeps the per-bucket sums within the registers of every shipped config
+                d_rel = add_relative_bucket_grad(d_rel, ds, tile_distance(q_off + start_m, k_off + start_n),
+                                                 RelBuckets, max_distance, BLOCK_M, BLOCK_N, NUM_BUCKETS_BLOCK)
+        if REL_GRAD:  # row (key block, b, h) of DRelTable: B * Hq = programs along axis 1 * num_kv_groups
+            row = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + batch_head) * num_kv_groups + g
+            buckets = tl.arange(0, NUM_BUCKETS_BLOCK)
+            tl.store(DRelTable + row * num_buckets + buckets, d_rel, mask=buckets < num_buckets)
     # dk_main / dk_pass are w.r.t. the rotated k tiles; store_qk_grad rotates them back.
     store_qk_grad(DK + b * stride_dkb + kv_h * stride_dkh, offs_n, seq_len_k, stride_dkn, stride_dkd,
                   dk_main * sm_scale, dk_pass * sm_scale, k_off + offs_n, InvFreq, attention_factor, HEAD_DIM,
                   MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
-    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=(offs_n < seq_len_k)[:, None] & mask_d[None, :])
+    store_tile(DV + b * stride_dvb + kv_h * stride_dvh, dv, offs_n, seq_len_k, stride_dvn, stride_dvd, offs_d, mask_d)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ import triton.language as tl
 
 from .position import (LN2, LOG2E, POS_ALIBI, POS_RELATIVE, alibi_slope_log2, position_bias_log2, relative_positions,
                        visible_mask)
-from .tiles import load_qk_tiles, load_tile, qk_dot
+from .tiles import load_qk_tiles, load_tile, qk_dot, store_tile
 
 
 @triton.jit
@@ -83,7 +83,6 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < seq_len_q
     mask_d = offs_d < HEAD_DIM
     q_main, q_pass = load_qk_tiles(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd,
                                    q_off + offs_m, InvFreq, attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK,
@@ -133,6 +132,5 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + (b * num_heads + h) * seq_len_q + offs_m, lse, mask=mask_m)
+    store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, seq_len_q, stride_on, stride_od, offs_d, mask_d)
+    tl.store(Lse + (b * num_heads + h) * seq_len_q + offs_m, lse, mask=offs_m < seq_len_q)

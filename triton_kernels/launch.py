@@ -1,10 +1,15 @@
-"""Launchers: allocate outputs, pick configs (autotuned on GPU, fixed under the interpreter), launch.
+"""Launchers: allocate outputs, build each kernel's keyword arguments, pick configs (autotuned on GPU, fixed
+under the interpreter) and launch on q's CUDA device.
 
-Inputs are plain tensors and scalars; nothing here knows the public package's types.
+Inputs are plain tensors and scalars; nothing here knows the public package's types. Every kernel is
+launched with keyword arguments from kernel_arguments(), the one place a kernel argument gets its value:
+the kernels share parameter names (Q, stride_qn, seq_len_q, POS, ...), so a new per-call parameter is one
+entry there plus the parameter in the kernels that read it, and no argument can bind by position.
 """
+import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -14,23 +19,35 @@ from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_prep
 from .configs import (INTERPRETER_CONFIG, backward_dkdv_configs, backward_dq_configs, block_d_for,
                       forward_configs)
 from .forward import _attn_fwd_kernel
-from .position import POS_ALIBI, POS_NONE, POS_RELATIVE, POS_ROPE
+from .interpreter_compat import fix_loop_bounds
+from .scheme_codes import SCHEME_CODES, SCHEME_NAMES
 
-POS_CODES = {"none": POS_NONE.value, "alibi": POS_ALIBI.value, "rope": POS_ROPE.value,
-             "relative": POS_RELATIVE.value}
-POS_NAMES = {code: name for name, code in POS_CODES.items()}
-_TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION",
-             "len_bucket_q", "len_bucket_k"]
+# The dK/dV kernel sums the bucket-table gradient in a (NUM_BUCKETS_BLOCK,) register vector through a
+# (diagonals, NUM_BUCKETS_BLOCK) one-hot. 32 buckets (T5's default) compile spill-free in every shipped config;
+# 64 spilled on sm_80 (M64 N16 at D = 64), as did 128 even with the one-hot built 32 buckets at a time.
+MAX_GRAD_BUCKETS = 32
+# The preprocess kernel is a row reduction, launched with one fixed tile (tests/test_static_gpu.py compiles it).
+PREPROCESS_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4)
+TUNED = ("BLOCK_M", "BLOCK_N")  # meta-parameters a launch config sets; kernel_arguments never does
+_TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION", "REL_GRAD",
+             "NUM_BUCKETS_BLOCK", "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
                  _attn_bwd_dq_kernel: backward_dq_configs}
+# Stride parameters of each strided tensor parameter: stride_<prefix><dim> for the dims its strides name
+# ((B, H, N, D) tensors: b, h, n, d; slopes (B, Hq): b, h; the relative bias (Hq, 2, max_distance + 1): h).
+_STRIDE_NAMES = {name: tuple(f"stride_{prefix}{dim}" for dim in dims) for name, prefix, dims in (
+    ("Q", "q", "bhnd"), ("K", "k", "bhnd"), ("V", "v", "bhnd"), ("Out", "o", "bhnd"), ("DOut", "do", "bhnd"),
+    ("DQ", "dq", "bhnd"), ("DK", "dk", "bhnd"), ("DV", "dv", "bhnd"), ("Slopes", "s", "bh"), ("RelBias", "r", "h"))}
 
 
 @dataclass(frozen=True)
 class KernelPosition:
-    """Position parameters as the kernels take them.
+    """Position parameters as the kernels take them (field names as in fused_pos_attn's ResolvedPosition).
 
     kind: "none" | "alibi" | "rope" | "relative". slopes: (B, Hq) fp32 or None. inv_freq: (rotary_dim/2,)
     fp32 or None. rel_bias: (Hq, 2, max_distance + 1) contiguous fp32 bias by signed distance, or None.
+    rel_buckets: (2, max_distance + 1) contiguous int32 T5 bucket of each rel_bias entry, or None;
+    num_buckets: the bucket count (columns of the bucket table whose gradient the backward returns).
     """
 
     kind: str
@@ -41,24 +58,31 @@ class KernelPosition:
     attention_factor: float
     rel_bias: Optional[torch.Tensor] = None
     max_distance: int = 0
+    rel_buckets: Optional[torch.Tensor] = None
+    num_buckets: int = 0
+
+    @classmethod
+    def of(cls, position) -> "KernelPosition":
+        """The kernel view of any object with these attributes (a ResolvedPosition)."""
+        return cls(**{f.name: getattr(position, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One attention call but its tensors: query row i of batch b sits at q_offset[b] + i, key j at
+    k_offset[b] + j (offsets (B,) int64 on the tensors' device); scale multiplies q.k; window: left window
+    or None (field names as in fused_pos_attn's AttentionSpec)."""
+
+    q_offset: torch.Tensor
+    k_offset: torch.Tensor
+    position: KernelPosition
+    scale: float
+    causal: bool
+    window: Optional[int]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _autotuned(kernel, block_d: int, pos: str):
-    return triton.autotune(configs=_CONFIG_LISTS[kernel](block_d, pos), key=_TUNE_KEY)(kernel)
-
-
-def _launch(kernel, grid_fn, args: list, meta: dict) -> None:
-    """Launch kernel with autotuning on GPU, or with the fixed interpreter config on CPU tensors."""
-    if _interpreting():
-        cfg = INTERPRETER_CONFIG.kwargs
-        kernel[grid_fn(cfg)](*args, **meta, **cfg)
-    else:
-        _autotuned(kernel, meta["BLOCK_D"], POS_NAMES[meta["POS"]])[grid_fn](*args, **meta)
 
 
 def _tile_widths(position: KernelPosition, head_dim: int) -> dict:
@@ -71,61 +95,126 @@ def _tile_widths(position: KernelPosition, head_dim: int) -> dict:
                 PASS_BLOCK=max(16, triton.next_power_of_2(pass_dim)), HAS_PASS=pass_dim > 0, ROTARY_DIM=rotary_dim)
 
 
-def _common(q: torch.Tensor, k: torch.Tensor, position: KernelPosition, scale: float, causal: bool,
-            window: Optional[int]):
-    """Scalar arguments and constexpr flags shared by the three attention kernels."""
+def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
+    """Keyword arguments of one launch of kernel: one value for each of its parameters but TUNED ones.
+
+    tensors: the launch's tensors by kernel parameter name: Q (B, Hq, Nq, D) and K (B, Hkv, Nk, D) always (they
+    give the shapes), and those of Out, Lse, DOut, Delta, DQ, DK, DV, DLse, DRelTable the launch has. Position
+    tensors come from call.position, with placeholders for those a scheme lacks (never read); every strided
+    tensor brings its strides. Passing DLse turns on HAS_DLSE, DRelTable turns on REL_GRAD.
+    """
+    q, k = tensors["Q"], tensors["K"]
     batch, num_heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
+    position = call.position
     placeholder = torch.zeros(1, dtype=torch.float32, device=q.device)
-    slopes = position.slopes if position.slopes is not None else placeholder.expand(batch, num_heads)
-    inv_freq = position.inv_freq if position.inv_freq is not None else placeholder
-    rel_bias = position.rel_bias if position.rel_bias is not None else placeholder.expand(num_heads, 2, 1)
-    scalars = [num_heads, num_heads // k.shape[1], seq_q, seq_k, float(scale), int(window or 0),
-               float(position.attention_factor), int(position.max_distance), triton.next_power_of_2(seq_q),
-               triton.next_power_of_2(seq_k)]
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), **_tile_widths(position, head_dim),
-                POS=POS_CODES[position.kind], CAUSAL=causal, HAS_WINDOW=window is not None,
-                INTERLEAVED=position.interleaved, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    return slopes, inv_freq, rel_bias, scalars, meta
+    values = dict(
+        QOffset=call.q_offset, KOffset=call.k_offset,
+        Slopes=position.slopes if position.slopes is not None else placeholder.expand(batch, num_heads),
+        InvFreq=position.inv_freq if position.inv_freq is not None else placeholder,
+        RelBias=position.rel_bias if position.rel_bias is not None else placeholder.expand(num_heads, 2, 1),
+        RelBuckets=position.rel_buckets if position.rel_buckets is not None else placeholder.view(torch.int32),
+        DLse=placeholder, DRelTable=placeholder)
+    values.update(tensors)
+    for name, stride_names in _STRIDE_NAMES.items():
+        if name in values:
+            values.update(zip(stride_names, values[name].stride()))
+    rel_grad = "DRelTable" in tensors
+    values.update(
+        num_heads=num_heads, num_kv_groups=num_heads // k.shape[1], seq_len_q=seq_q, seq_len_k=seq_k,
+        sm_scale=float(call.scale), window=int(call.window or 0), attention_factor=float(position.attention_factor),
+        max_distance=int(position.max_distance), num_buckets=int(position.num_buckets),
+        len_bucket_q=triton.next_power_of_2(seq_q), len_bucket_k=triton.next_power_of_2(seq_k),
+        HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), **_tile_widths(position, head_dim),
+        POS=SCHEME_CODES[position.kind], CAUSAL=bool(call.causal), HAS_WINDOW=call.window is not None,
+        INTERLEAVED=bool(position.interleaved), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_DLSE="DLse" in tensors, REL_GRAD=rel_grad,
+        NUM_BUCKETS_BLOCK=triton.next_power_of_2(position.num_buckets) if rel_grad else 1)
+    missing = [name for name in kernel.arg_names if name not in values and name not in TUNED]
+    if missing:
+        raise TypeError(f"kernel_arguments has no value for {kernel.__name__}'s parameters {missing}")
+    return {name: values[name] for name in kernel.arg_names if name not in TUNED}
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: torch.Tensor,
-                      k_offset: torch.Tensor, position: KernelPosition, scale: float, causal: bool,
-                      window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D), offsets (B,) int64 -> out like q, lse (B, Hq, Nq) fp32."""
+def _configs(kernel, block_d: int, pos: str) -> list:
+    """The launch configs of kernel: autotune candidates on GPU, the one interpreter config on CPU tensors."""
+    if kernel is _attn_bwd_preprocess_kernel:
+        return [PREPROCESS_CONFIG]
+    if _interpreting():
+        return [INTERPRETER_CONFIG]
+    return _CONFIG_LISTS[kernel](block_d, pos)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel, block_d: int, pos: str):
+    """kernel autotuned over its config list. The dK/dV kernel writes DRelTable rows only for the key blocks
+    of its config, so trial launches with other BLOCK_N must not leave rows behind: reset_to_zero (the
+    autotuner zeroes it before every trial and again before the real launch). No kernel accumulates into
+    an output, so no other buffer needs resetting."""
+    names = kernel.arg_names
+    return triton.autotune(configs=_configs(kernel, block_d, pos), key=[n for n in _TUNE_KEY if n in names],
+                           reset_to_zero=["DRelTable"] if "DRelTable" in names else None)(kernel)
+
+
+def _launch(kernel, grid, call: KernelCall, **tensors: torch.Tensor) -> None:
+    """Launch kernel over grid(meta) with kernel_arguments(kernel, call, **tensors) and its configs."""
+    kwargs = kernel_arguments(kernel, call, **tensors)
+    block_d, pos = kwargs["BLOCK_D"], SCHEME_NAMES[kwargs.get("POS", SCHEME_CODES["none"])]
+    configs = _configs(kernel, block_d, pos)
+    if _interpreting():
+        fix_loop_bounds()
+    if len(configs) == 1:  # nothing to tune
+        meta = configs[0].all_kwargs()
+        kernel[grid(meta)](**kwargs, **meta)
+    else:
+        _autotuned(kernel, block_d, pos)[grid](**kwargs)
+
+
+def _device_context(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device. A no-op for CPU tensors
+    (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> out like q, lse (B, Hq, Nq) fp32 (natural log)."""
     batch, num_heads, seq_q, _ = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((batch, num_heads, seq_q), dtype=torch.float32, device=q.device)
-    slopes, inv_freq, rel_bias, scalars, meta = _common(q, k, position, scale, causal, window)
-    args = [q, k, v, out, lse, q_offset, k_offset, slopes, inv_freq, rel_bias, *q.stride(), *k.stride(),
-            *v.stride(), *out.stride(), *slopes.stride(), rel_bias.stride(0), *scalars]
-    _launch(_attn_fwd_kernel, lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * num_heads), args, meta)
+    with _device_context(q.device):
+        out = torch.empty_like(q)
+        lse = torch.empty((batch, num_heads, seq_q), dtype=torch.float32, device=q.device)
+        _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads), call,
+                Q=q, K=k, V=v, Out=out, Lse=lse)
     return out, lse
 
 
-def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, q_offset: torch.Tensor, k_offset: torch.Tensor,
-                       position: KernelPosition, scale: float, causal: bool,
-                       window: Optional[int]) -> tuple:
-    """Gradients dq (like q), dk, dv (like k, v) of attention_forward's output, and d_rel_bias (like
-    position.rel_bias, fp32) for the relative scheme, else None."""
+def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, call: KernelCall,
+                       rel_grad: bool) -> tuple:
+    """Gradients of attention_forward's (out, lse) given grad_out (like out) and grad_lse ((B, Hq, Nq) contiguous
+    fp32, or None for zero): dq (like q), dk, dv (like k, v), and for rel_grad (relative scheme) the gradient
+    of the (Hq, num_buckets) bucket table as fp32, else None."""
     batch, num_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    slopes, inv_freq, rel_bias, scalars, meta = _common(q, k, position, scale, causal, window)
-    delta = torch.empty_like(lse)
-    preprocess_rows = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(seq_q, preprocess_rows), batch * num_heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), num_heads, seq_q,
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=preprocess_rows)
+    rel_grad = rel_grad and call.position.kind == "relative"
+    with _device_context(q.device):
+        delta = torch.empty_like(lse)
+        dlse = {} if grad_lse is None else dict(DLse=grad_lse)
+        _launch(_attn_bwd_preprocess_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads),
+                call, Q=q, K=k, Out=out, DOut=grad_out, Lse=lse, Delta=delta, **dlse)
 
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_rel_bias = torch.zeros_like(rel_bias)  # accumulated with atomics by the dK/dV kernel
-    shared = [q, k, v, grad_out]
-    strides = [*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()]
-    _launch(_attn_bwd_dkdv_kernel, lambda cfg: (triton.cdiv(seq_k, cfg["BLOCK_N"]), batch * num_kv_heads),
-            [*shared, dk, dv, lse, delta, q_offset, k_offset, slopes, inv_freq, rel_bias, d_rel_bias, *strides,
-             *dk.stride(), *dv.stride(), *slopes.stride(), rel_bias.stride(0), *scalars], meta)
-    _launch(_attn_bwd_dq_kernel, lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * num_heads),
-            [*shared, dq, lse, delta, q_offset, k_offset, slopes, inv_freq, rel_bias, *strides, *dq.stride(),
-             *slopes.stride(), rel_bias.stride(0), *scalars], meta)
-    return dq, dk, dv, (d_rel_bias if position.kind == "relative" else None)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        shared = dict(Q=q, K=k, V=v, DOut=grad_out, Lse=lse, Delta=delta)
+        table = {}
+        if rel_grad:  # a partial row per (key block, batch, query head), for the smallest BLOCK_N it may run with
+            block_n = min(c.kwargs["BLOCK_N"] for c in _configs(_attn_bwd_dkdv_kernel, block_d_for(head_dim),
+                                                                  "relative"))
+            table["DRelTable"] = torch.zeros((triton.cdiv(seq_k, block_n), batch, num_heads, call.position.num_buckets),
+                                             dtype=torch.float32, device=q.device)
+        _launch(_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * num_kv_heads),
+                call, DK=dk, DV=dv, **shared, **table)
+        _launch(_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads), call,
+                DQ=dq, **shared)
+        # (Hq, num_buckets): a fixed-order reduction of the partial rows, so the result is deterministic
+        d_rel_table = table["DRelTable"].sum(dim=(0, 1)) if rel_grad else None
+    return dq, dk, dv, d_rel_table

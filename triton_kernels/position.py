@@ -7,11 +7,13 @@ pq(i) - pk(j) for a (BLOCK_M, BLOCK_N) tile.
 import triton
 import triton.language as tl
 
-# Position scheme tags passed as the POS constexpr.
-POS_NONE = tl.constexpr(0)
-POS_ALIBI = tl.constexpr(1)
-POS_ROPE = tl.constexpr(2)
-POS_RELATIVE = tl.constexpr(3)
+from .scheme_codes import SCHEME_CODES
+
+# Position scheme tags passed as the POS constexpr, from the one table of scheme codes.
+POS_NONE = tl.constexpr(SCHEME_CODES["none"])
+POS_ALIBI = tl.constexpr(SCHEME_CODES["alibi"])
+POS_ROPE = tl.constexpr(SCHEME_CODES["rope"])
+POS_RELATIVE = tl.constexpr(SCHEME_CODES["relative"])
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -21,11 +23,17 @@ REL_CLAMP = tl.constexpr(1 << 30)
 
 
 @triton.jit
+def tile_distance(q_start, k_start):
+    """int32 pq - pk of a tile's first query and key, at int64 absolute positions q_start / k_start,
+    saturated at +-2^30."""
+    return tl.minimum(tl.maximum(q_start - k_start, -REL_CLAMP), REL_CLAMP).to(tl.int32)
+
+
+@triton.jit
 def relative_positions(q_start, k_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BLOCK_M, BLOCK_N) int32 pq(i) - pk(j) of a tile whose first query / key sit at the int64
-    absolute positions q_start / k_start (saturating at +-2^30)."""
-    diag = tl.minimum(tl.maximum(q_start - k_start, -REL_CLAMP), REL_CLAMP).to(tl.int32)
-    return diag + (tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :])
+    absolute positions q_start / k_start (the tile distance saturating at +-2^30)."""
+    return tile_distance(q_start, k_start) + (tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :])
 
 
 @triton.jit
@@ -59,6 +67,40 @@ def relative_bias_index(rel, max_distance):
     """Index into one head's (2, max_distance + 1) relative bias table (position.h relative_bias_index):
     row 0 for keys at or before the query (rel >= 0), row 1 after it, column min(|rel|, max_distance)."""
     return tl.where(rel < 0, max_distance + 1, 0) + tl.minimum(tl.abs(rel), max_distance)
+
+
+@triton.jit
+def add_relative_bucket_grad(acc, ds, diag, RelBuckets, max_distance, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             NUM_BUCKETS_BLOCK: tl.constexpr):
+    """acc (NUM_BUCKETS_BLOCK,) fp32 plus the tile's score gradient ds (BLOCK_M, BLOCK_N) fp32 summed per bucket.
+
+    Element (i, j) sits at distance rel = diag + i - j (diag: the tile's tile_distance, as in
+    relative_positions); RelBuckets (2, max_distance + 1) int32 holds the bucket of each
+    relative_bias_index. Buckets are monotone in the distance on each side of rel = 0, so a tile whose end
+    distances share a side and a bucket lies in that bucket entirely (every tile farther than max_distance,
+    most tiles in the wide logarithmic buckets): one sum. Other tiles are summed per diagonal first (a
+    diagonal shares one rel), then the diagonals per bucket, with no atomics and a fixed summation order.
+    """
+    buckets = tl.arange(0, NUM_BUCKETS_BLOCK)
+    rel_lo = diag - (BLOCK_N - 1)  # the tile spans distances [rel_lo, rel_hi]
+    rel_hi = diag + (BLOCK_M - 1)
+    first = tl.load(RelBuckets + relative_bias_index(rel_lo, max_distance))
+    last = tl.load(RelBuckets + relative_bias_index(rel_hi, max_distance))
+    if (first == last) & ((rel_lo >= 0) | (rel_hi < 0)):
+        acc += tl.where(buckets == first, tl.sum(tl.sum(ds, 1), 0), 0.0)
+    else:
+        # Diagonal c holds the elements with i - j = c - (BLOCK_N - 1), at distance rel_lo + c: element (c, j) of
+        # the skewed tile is ds[c + j - (BLOCK_N - 1), j], 0 where that row is off the tile. DIAGS, a power of two
+        # >= BLOCK_M + BLOCK_N - 1, covers every diagonal. (A skew along rows, gathering columns into a (BLOCK_M,
+        # DIAGS) tile, is larger when BLOCK_M > BLOCK_N and spilled on sm_90 at 16 x 32.)
+        DIAGS: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
+        diags = tl.arange(0, DIAGS)
+        rows = diags[:, None] + tl.arange(0, BLOCK_N)[None, :] - (BLOCK_N - 1)  # (DIAGS, BLOCK_N)
+        on_tile = (rows >= 0) & (rows < BLOCK_M)
+        diag_sums = tl.sum(tl.where(on_tile, tl.gather(ds, tl.where(on_tile, rows, 0), 0), 0.0), 1)  # (DIAGS,)
+        diag_buckets = tl.load(RelBuckets + relative_bias_index(rel_lo + diags, max_distance))
+        acc += tl.sum(tl.where(diag_buckets[:, None] == buckets[None, :], diag_sums[:, None], 0.0), 0)
+    return acc
 
 
 @triton.jit

@@ -6,6 +6,9 @@ q and k rows are handled as two tiles, `main` and `pass`:
   exists only when HAS_PASS (partial rotary). Scores are main.main^T + pass.pass^T.
 - Other schemes: main holds all HEAD_DIM columns in order (MAIN_BLOCK = BLOCK_D); no pass tile.
 v, out and dO rows are always plain (R, BLOCK_D) tiles.
+
+Row offsets are int64: row * stride_n passes 2^31 elements in a (B, N, H, D) cache viewed as (B, H, N, D)
+once N * H * D does (262144 rows at H * D = 8192); column offsets stay int32 (d * stride_d is small).
 """
 import triton
 import triton.language as tl
@@ -14,10 +17,24 @@ from .position import POS_ROPE, rope_cos_sin, rope_pair_columns, rope_rotate_pai
 
 
 @triton.jit
+def row_offsets(offs_rows, stride_n):
+    """(R, 1) int64 element offsets of rows offs_rows (R,) int32 of a matrix with row stride stride_n."""
+    return offs_rows.to(tl.int64)[:, None] * stride_n
+
+
+@triton.jit
 def load_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d):
     """(R, len(offs_d)) tile of rows offs_rows of a (N, D) matrix; rows >= num_rows and masked dims read 0."""
     mask = (offs_rows < num_rows)[:, None] & mask_d[None, :]
-    return tl.load(Base + offs_rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    return tl.load(Base + row_offsets(offs_rows, stride_n) + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(Base, tile, offs_rows, num_rows, stride_n, stride_d, offs_d, mask_d):
+    """Store tile (R, len(offs_d)) into rows offs_rows of a (N, D) matrix, cast to its dtype, masked as load_tile."""
+    mask = (offs_rows < num_rows)[:, None] & mask_d[None, :]
+    tl.store(Base + row_offsets(offs_rows, stride_n) + offs_d[None, :] * stride_d, tile.to(Base.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -28,8 +45,7 @@ def load_qk_tiles(Base, offs_rows, num_rows, stride_n, stride_d, positions, InvF
     """(main, pass) tiles of q or k rows at positions (R,), in the input dtype (pass == main without HAS_PASS)."""
     if POS == POS_ROPE:
         column, real = rope_pair_columns(MAIN_BLOCK, ROTARY_DIM, INTERLEAVED)
-        x = tl.load(Base + offs_rows[:, None] * stride_n + column[None, :] * stride_d,
-                    mask=(offs_rows < num_rows)[:, None] & real[None, :], other=0.0)
+        x = load_tile(Base, offs_rows, num_rows, stride_n, stride_d, column, real)
         cos, sin = rope_cos_sin(positions, InvFreq, attention_factor, MAIN_BLOCK // 2, ROTARY_DIM)
         main = rope_rotate_pairs(x, cos, sin, False).to(x.dtype)
     else:
@@ -58,7 +74,6 @@ def store_qk_grad(Base, offs_rows, num_rows, stride_n, stride_d, grad_main, grad
                   HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr, POS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Store fp32 gradients w.r.t. the (main, pass) tiles as gradients w.r.t. the original q / k rows
     (RoPE: the transposed rotation maps them back)."""
-    row_mask = (offs_rows < num_rows)[:, None]
     if POS == POS_ROPE:
         column, real = rope_pair_columns(MAIN_BLOCK, ROTARY_DIM, INTERLEAVED)
         cos, sin = rope_cos_sin(positions, InvFreq, attention_factor, MAIN_BLOCK // 2, ROTARY_DIM)
@@ -66,9 +81,8 @@ def store_qk_grad(Base, offs_rows, num_rows, stride_n, stride_d, grad_main, grad
     else:
         column = tl.arange(0, MAIN_BLOCK)
         real = column < HEAD_DIM
-    tl.store(Base + offs_rows[:, None] * stride_n + column[None, :] * stride_d,
-             grad_main.to(Base.dtype.element_ty), mask=row_mask & real[None, :])
+    store_tile(Base, grad_main, offs_rows, num_rows, stride_n, stride_d, column, real)
     if HAS_PASS:
         offs_p = tl.arange(0, PASS_BLOCK)
-        tl.store(Base + offs_rows[:, None] * stride_n + (ROTARY_DIM + offs_p[None, :]) * stride_d,
-                 grad_pass.to(Base.dtype.element_ty), mask=row_mask & (offs_p < HEAD_DIM - ROTARY_DIM)[None, :])
+        store_tile(Base + ROTARY_DIM * stride_d, grad_pass, offs_rows, num_rows, stride_n, stride_d, offs_p,
+                   offs_p < HEAD_DIM - ROTARY_DIM)

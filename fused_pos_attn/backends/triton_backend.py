@@ -1,30 +1,43 @@
 """Triton backend: maps an AttentionSpec onto the Triton launchers."""
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Optional
+
 import torch
 
-from fused_pos_attn.triton_kernels import KernelPosition, attention_backward, attention_forward
+from fused_pos_attn.triton_kernels import (MAX_GRAD_BUCKETS, KernelCall, KernelPosition, attention_backward,
+                                           attention_forward)
 
 from ..spec import AttentionSpec
 
 
-def _kernel_position(spec: AttentionSpec) -> KernelPosition:
-    p = spec.position
-    rel_bias = p.rel_bias.detach() if p.rel_bias is not None else None
-    return KernelPosition(kind=p.kind, slopes=p.slopes, inv_freq=p.inv_freq, rotary_dim=p.rotary_dim,
-                          interleaved=p.interleaved, attention_factor=p.attention_factor, rel_bias=rel_bias,
-                          max_distance=p.max_distance)
+def _kernel_call(spec: AttentionSpec) -> KernelCall:
+    """The launchers' view of spec: KernelCall's fields, read from spec's fields of the same names."""
+    values = {f.name: getattr(spec, f.name) for f in fields(KernelCall) if f.name != "position"}
+    return KernelCall(position=KernelPosition.of(spec.position), **values)
+
+
+def _check_grad_buckets(spec: AttentionSpec) -> None:
+    """The dK/dV kernel sums the table gradient per bucket in registers: at most MAX_GRAD_BUCKETS buckets."""
+    num_buckets = spec.position.num_buckets
+    if num_buckets > MAX_GRAD_BUCKETS:
+        raise ValueError(f"RelativeBias table has num_buckets={num_buckets} columns; backend='triton' computes its "
+                         f"gradient only for num_buckets <= {MAX_GRAD_BUCKETS} (use backend='cpu' or 'cuda', or "
+                         f"a table that does not require grad)")
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32."""
-    return attention_forward(q, k, v, spec.q_offset, spec.k_offset, _kernel_position(spec), spec.scale,
-                             spec.causal, spec.window)
+    return attention_forward(q, k, v, _kernel_call(spec))
 
 
-def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, spec: AttentionSpec) -> tuple:
-    """dq, dk, dv for grad_out (B, Hq, Nq, D), and d_rel_bias (Hq, 2, max_distance + 1) or None."""
-    return attention_backward(grad_out, q, k, v, out, lse, spec.q_offset, spec.k_offset,
-                              _kernel_position(spec), spec.scale, spec.causal, spec.window)
+def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: AttentionSpec,
+             rel_grad: bool) -> tuple:
+    """dq, dk, dv like q, k, v for grad_out (B, Hq, Nq, D) and grad_lse ((B, Hq, Nq) fp32 contiguous, or None),
+    and d_rel_table (Hq, num_buckets) fp32 when rel_grad (relative scheme), else None."""
+    if rel_grad:
+        _check_grad_buckets(spec)
+    return attention_backward(grad_out, grad_lse, q, k, v, out, lse, _kernel_call(spec), rel_grad)
