@@ -14,6 +14,12 @@ from .positions import ALIBI_KIND, RELATIVE_KIND, ROPE_KIND, ResolvedPosition, t
 from .spec import AttentionSpec
 
 
+def position_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype position math (RoPE cos/sin, ALiBi distances, relative biases) runs in for scores of dtype:
+    fp64 for fp64, else fp32 (half-precision callers get their positions exact, then one cast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def absolute_positions(offset: torch.Tensor, length: int) -> torch.Tensor:
     """(B,) int64 offsets -> (B, length) int64 absolute positions offset[b] + i."""
     return offset[:, None] + torch.arange(length, device=offset.device, dtype=torch.int64)[None, :]
@@ -22,13 +28,16 @@ def absolute_positions(offset: torch.Tensor, length: int) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, position: ResolvedPosition) -> torch.Tensor:
     """Rotate the first rotary_dim dims of x (B, H, N, D) at positions (B, N); returns a new tensor.
 
-    The angle pos * inv_freq is formed in fp32 (as Hugging Face transformers does); cos/sin and the
-    rotation run in x's dtype.
+    As Hugging Face transformers does: the angle pos * inv_freq is formed in fp32 (as the kernels form it),
+    cos and sin (times the attention factor) are computed in position_dtype(x.dtype) and cast to x's dtype,
+    and the rotation runs in x's dtype. So a half-precision x gets exact positions (an fp16 angle would be
+    inf past 65504, a bf16 one rounded to 4 radians near position 1000) and only x's own rounding.
     """
     r = position.rotary_dim
     angle = positions.to(torch.float32)[:, None, :, None] * position.inv_freq.to(positions.device)  # (B,1,N,r/2)
-    cos = (torch.cos(angle.to(x.dtype)) * position.attention_factor)
-    sin = (torch.sin(angle.to(x.dtype)) * position.attention_factor)
+    angle = angle.to(position_dtype(x.dtype))
+    cos = (torch.cos(angle) * position.attention_factor).to(x.dtype)
+    sin = (torch.sin(angle) * position.attention_factor).to(x.dtype)
     rot, passthrough = x[..., :r], x[..., r:]
     if position.interleaved:
         even, odd = rot[..., 0::2], rot[..., 1::2]
@@ -54,16 +63,18 @@ def position_bias(pq: torch.Tensor, pk: torch.Tensor, position: ResolvedPosition
                   dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Additive score bias (B, Hq, Nq, Nk) in dtype, or None for schemes without one.
 
-    Relative: the T5 bucket of every (query, key) pair from the formula itself, then the table lookup;
-    differentiable in the table.
+    Built in position_dtype(dtype) and cast to dtype at the end, as Hugging Face transformers builds ALiBi
+    and T5 biases: distances are exact integers whatever dtype the scores have. Relative: the T5 bucket of
+    every (query, key) pair from the formula itself, then the table lookup; differentiable in the table.
     """
+    exact = position_dtype(dtype)
     if position.kind == ALIBI_KIND:
-        distance = (pq[:, None, :, None] - pk[:, None, None, :]).abs().to(dtype)
-        return -position.slopes.to(dtype)[:, :, None, None] * distance
+        distance = (pq[:, None, :, None] - pk[:, None, None, :]).abs().to(exact)
+        return (-position.slopes.to(exact)[:, :, None, None] * distance).to(dtype)
     if position.kind == RELATIVE_KIND:
         buckets = t5_bucket(pk[:, None, :] - pq[:, :, None], position.bidirectional, position.rel_table.shape[1],
                             position.max_distance)  # (B, Nq, Nk)
-        return position.rel_table.to(dtype)[:, buckets].transpose(0, 1)
+        return position.rel_table.to(exact)[:, buckets].transpose(0, 1).to(dtype)
     return None
 
 
@@ -71,11 +82,16 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
                         upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention with the position scheme of `spec`.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). Computes in fp64 when upcast, else in q's dtype.
-    Returns out (B, Hq, Nq, D) and lse (B, Hq, Nq), both in the compute dtype. Rows with no visible key
-    give out = 0 and lse = -inf. Differentiable in q, k, v through autograd.
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). Computes in fp64 when upcast, else in q's dtype, with the
+    position math, the scores' scale-and-bias and the softmax in position_dtype (fp32 for half-precision
+    inputs), as the kernels do: only the rotation, the two matmuls and the probabilities fed to the second
+    one round to the compute dtype. (Hugging Face's eager attention also runs the softmax in fp32, but adds
+    the bias in the input dtype, which rounds an ALiBi score of -750 to a multiple of 4 in bf16.)
+    Returns out (B, Hq, Nq, D) in the compute dtype and lse (B, Hq, Nq) in position_dtype. Rows with no
+    visible key give out = 0 and lse = -inf. Differentiable in q, k, v (and a relative table) by autograd.
     """
     dtype = torch.float64 if upcast else q.dtype
+    exact = position_dtype(dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     pq = absolute_positions(spec.q_offset, q.shape[2])
     pk = absolute_positions(spec.k_offset, k.shape[2])
@@ -84,8 +100,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
-    scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale
-    bias = position_bias(pq, pk, spec.position, dtype)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(exact) * spec.scale  # (B, Hq, Nq, Nk)
+    bias = position_bias(pq, pk, spec.position, exact)
     if bias is not None:
         scores = scores + bias
     visible = visibility(pq, pk, spec.causal, spec.window)
@@ -95,6 +111,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     has_key = visible.any(dim=-1, keepdim=True)
     scores = torch.where(has_key, scores, torch.zeros_like(scores))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]) * has_key
+    probs = (torch.exp(scores - lse[..., None]) * has_key).to(dtype)
     lse = lse.masked_fill(~has_key[..., 0], float("-inf"))
     return torch.matmul(probs, v), lse

@@ -87,20 +87,24 @@ def run_backend(q, k, v, grad_out, case: Case, backend: str, dtype: Optional[tor
     return (out, lse, *(t.grad for t in leaves))
 
 
-def check_case(case: Case, dtype: torch.dtype, backend: str, seed: int = 0, backward: bool = True) -> None:
-    gen = torch.Generator().manual_seed(seed)
+def case_inputs(case: Case, dtype: torch.dtype, backend: str, gen: torch.Generator) -> tuple:
+    """q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) in the case's layout and grad_out like q, on the backend's device."""
     device = device_of(backend)
     q = make_input((case.batch, case.heads_q, case.seq_q, case.head_dim), dtype, case.layout, gen, device)
     k = make_input((case.batch, case.heads_kv, case.seq_k, case.head_dim), dtype, case.layout, gen, device)
     v = make_input((case.batch, case.heads_kv, case.seq_k, case.head_dim), dtype, case.layout, gen, device)
-    grad_out = torch.randn(q.shape, generator=gen).to(device)
+    return q, k, v, torch.randn(q.shape, generator=gen).to(device)
+
+
+def check_case(case: Case, dtype: torch.dtype, backend: str, seed: int = 0, backward: bool = True) -> None:
+    q, k, v, grad_out = case_inputs(case, dtype, backend, torch.Generator().manual_seed(seed))
     fused = run_backend(q, k, v, grad_out, case, backend)
     ref64 = run_backend(q, k, v, grad_out, case, "reference", torch.float64)
     same = run_backend(q, k, v, grad_out, case, "reference", dtype)
     names = ("out", "lse", "dq", "dk", "dv", "d_table")[:len(fused)] if backward else ("out", "lse")
     for i, name in enumerate(names):
         factor = 2.0 if i < 2 else 3.0
-        assert_close_to_reference(fused[i], ref64[i], same[i], factor, f"{name} {case}")
+        assert_close_to_reference(fused[i], ref64[i], same[i], factor, f"{name} {case}", dtype)
     assert fused[0].dtype == dtype and fused[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert fused[2].shape == q.shape and fused[3].shape == k.shape and fused[4].shape == v.shape
 

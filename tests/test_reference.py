@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fused_pos_attn import ALiBi, RoPE, fused_attention
+from fused_pos_attn import ALiBi, RelativeBias, RoPE, fused_attention
 from fused_pos_attn.positions import ResolvedPosition
-from fused_pos_attn.reference import apply_rope, attention_reference
+from fused_pos_attn.reference import apply_rope, attention_reference, position_bias
 from fused_pos_attn.spec import AttentionSpec
 
 F64 = torch.float64
@@ -305,6 +305,65 @@ def test_v_is_not_rotated():
     out, _ = ref(q, k, v, "rope", causal=True, q_offset=10, k_offset=10)
     want = torch.stack([v[0, 0, : i + 1].mean(0) for i in range(3)])
     torch.testing.assert_close(out[0, 0], want, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- half precision: exact positions
+
+HALF = [torch.float16, torch.bfloat16]
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_rope_rounds_only_the_rotation(dtype):
+    """cos / sin come from the fp32 angle in fp32 and are rounded once: where an fp16 angle would be inf
+    (past 65504) or a bf16 one off by up to 4 radians (near 1000), the half-precision rotation is the fp64
+    one up to a few roundings of x's dtype (cos, sin, two products and a sum: < 4 eps of max |x|)."""
+    x = randn(1, 2, 5, 8, seed=21, dtype=dtype)
+    positions = torch.tensor([[0, 999, 1001, 4097, 70001]])
+    resolved = RoPE().resolve(1, 2, 8, 5, CPU)
+    got = apply_rope(x, positions, resolved)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    want = apply_rope(x.double(), positions, resolved)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=4 * torch.finfo(dtype).eps * x.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_alibi_bias_is_rounded_once(dtype):
+    """-m * |pq - pk| formed in fp32 and rounded to dtype once (half an eps), at distances a half-precision
+    distance would round (bf16 past 256) or overflow (fp16 past 65504)."""
+    pq, pk = torch.tensor([[1001, 4099, 70001]]), torch.tensor([[0, 3, 5, 1000]])
+    slopes = torch.tensor([0.3, 2.0 ** -8])
+    got = position_bias(pq, pk, ALiBi(slopes).resolve(1, 2, 8, 4, CPU), dtype)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    exact = -slopes.double()[None, :, None, None] * (pq[:, None, :, None] - pk[:, None, None, :]).abs().double()
+    torch.testing.assert_close(got.double(), exact, rtol=torch.finfo(dtype).eps / 2 + 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("pos", ["rope", "alibi", "relative"])
+def test_half_precision_reference_is_accurate_at_far_positions(dtype, pos):
+    """The same-dtype reference that tests/tolerance.py measures kernels against differs from the fp64 one
+    by the rounding of its matmuls only, also thousands of positions from the origin or the keys: its
+    output within 2 eps of the output scale, its LSE within 2 eps of the LSE scale."""
+    if pos == "relative":
+        pos = RelativeBias(torch.randn(4, 32, generator=torch.Generator().manual_seed(3)))
+    q, k, v = qkv(1, 4, 2, 16, 24, 16, seed=22, dtype=dtype)
+    offsets = dict(q_offset=torch.tensor([4000]), k_offset=torch.tensor([1000 if pos == "alibi" else 3990]))
+    out, lse = ref(q, k, v, pos, **offsets)
+    out64, lse64 = ref(q.double(), k.double(), v.double(), pos, **offsets)
+    eps = torch.finfo(dtype).eps
+    for got, want in ((out, out64), (lse, lse64)):
+        scale = max(1.0, want.abs().max().item())
+        assert (got.double() - want).abs().max().item() <= 2 * eps * scale
+
+
+def test_half_precision_reference_dtypes():
+    """upcast=False: out in the input dtype, lse in fp32 (the softmax runs in fp32 for half inputs)."""
+    q, k, v = qkv(1, 2, 1, 4, 6, 8, dtype=torch.bfloat16)
+    spec = AttentionSpec(causal=True, scale=0.25, window=None, q_offset=torch.tensor([2]),
+                         k_offset=torch.tensor([0]), position=ALiBi().resolve(1, 2, 8, 6, CPU))
+    out, lse = attention_reference(q, k, v, spec, upcast=False)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- alignment
