@@ -49,7 +49,9 @@ class _NoBar:
         pass
 
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+# Relative on purpose: resolved against the current directory when results are written (a checkout's root gives
+# its bench/results), never a path inside the package, which may be an installed, read-only site-packages.
+RESULTS_DIR = Path("bench") / "results"
 Batch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # inputs (B, N), targets (B, N), loss mask
 
 
