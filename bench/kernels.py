@@ -6,24 +6,20 @@
 
 Prints a markdown table (median ms, ratio to sdpa_floor, extra peak MiB) and, unless --quick, writes
 bench/results/kernels_<device>_<model>.{md,csv,png}, each headed by the device and software versions.
+On a GPU, `make gpu-check` runs bench/gpu_bench.py instead: a fixed plan in TFLOP/s at fp16 / bf16, D 64 / 128.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
-import platform
-import re
-import subprocess
 import sys
 from typing import Optional, Sequence
 
 import torch
 
-import fused_pos_attn
-from fused_pos_attn.benchmarking import (FLOOR, MODES, POSITIONS, REFERENCE_PROVIDER, Measurement, device_name,
-                                         floor_ms, markdown_table, provider_names, run_benchmarks)
+from fused_pos_attn.benchmarking import (FLOOR, MODES, POSITIONS, REFERENCE_PROVIDER, Measurement, floor_ms,
+                                         markdown_table, provider_names, run_benchmarks, slug, software_versions)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULTS = {  # device type -> (seq lens, longest N for the backward modes, dtype)
@@ -34,36 +30,10 @@ CSV_FIELDS = ("device", "provider", "pos", "mode", "batch", "heads", "seq_len", 
               "median_ms", "ratio_to_floor", "peak_mib", "skipped")
 
 
-def slug(text: str) -> str:
-    """'AMD EPYC 7B13' -> 'amd-epyc-7b13'."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(RESULTS_DIR), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(RESULTS_DIR), check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment(device: str, args: argparse.Namespace) -> dict[str, str]:
     """Device, software versions, date and the shape configuration, for the headers of every output."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "fused_pos_attn": f"{fused_pos_attn.__version__} ({_git_commit()})",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **software_versions(device),
         "threads": str(torch.get_num_threads()),
         "load average before the run (1 min)": f"{os.getloadavg()[0]:.2f}",
         "config": f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} causal, self-attention",

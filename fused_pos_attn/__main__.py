@@ -1,6 +1,7 @@
 """Command line of fused_pos_attn.
 
-    python -m fused_pos_attn check [--device cpu|cuda] [--no-bench]   correctness self-check + speed table
+    python -m fused_pos_attn check [--device cpu|cuda] [--no-bench]   correctness self-check (every kernel
+                                                                      backend built here) + speed table
     python -m fused_pos_attn extrapolate [--schemes ...] [--sliding]  train short, test long (ALiBi Figure 1)
     python -m fused_pos_attn claims                                   ALiBi@L vs sinusoidal@2L, fused vs SDPA
     python -m fused_pos_attn passkey                                  passkey retrieval by depth and length
@@ -28,7 +29,7 @@ if not torch.cuda.is_available():
 
 def check(args: argparse.Namespace) -> int:
     from . import __version__
-    from .selfcheck import format_results, run_self_check
+    from .selfcheck import SHAPE_NOTE, format_results, kernel_backends, run_self_check
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
@@ -36,11 +37,14 @@ def check(args: argparse.Namespace) -> int:
     if device == "cpu":
         print("CPU: backend='auto' runs the native C++ kernels; the Triton kernels are also checked, through "
               "Triton's interpreter (a correctness check, not a speed one).")
+    elif "cuda" not in kernel_backends(device):
+        print("CUDA: the CUDA C++ kernels (backend='cuda') are not built in this installation; reinstall with a "
+              "CUDA toolkit (FUSED_POS_ATTN_CUDA=1 makes a failed CUDA build an error) to check them too.")
     results = run_self_check(device)
     if not results:
         print("no kernel backend can run on this device (is triton installed?)")
     else:
-        print("\nCorrectness (causal, GQA, Nq=19, Nk=37, D=32; forward and backward vs fp64 reference):")
+        print(f"\nCorrectness ({SHAPE_NOTE}; forward and backward vs fp64 reference):")
         print(format_results(results))
     if not args.no_bench:
         from .benchmarking import quick_table

@@ -4,30 +4,42 @@ Providers (each maps q, k, v (B, H, N, D) to out (B, H, N, D) for one position s
   fused:<backend>   `fused_attention(..., backend=<backend>)` for every kernel backend usable on the device.
                     Where none is built this is `fused:reference`, the dense oracle: not a fused kernel.
                     Triton counts on CUDA only (on CPU tensors it would run in the interpreter).
-  sdpa_dense_bias   what users do today: build the (B, H, N, N) ALiBi or T5 + causal bias, or rotate q and k
-                    with RoPE into new tensors, then call F.scaled_dot_product_attention.
-  sdpa_floor        SDPA with the same causal mask and no position: the cost of attention alone.
+  sdpa_dense_bias   what users do today: build the (1, H, N, N) ALiBi or T5 + causal bias (broadcast over the
+                    batch, whose rows share their positions), or rotate q and k with RoPE into new tensors,
+                    then call F.scaled_dot_product_attention (RoPE: on the floor's backend).
+  sdpa_floor        SDPA with the same causal mask and no position: the cost of attention alone. On CUDA it
+                    is pinned to SDPA's flash backend.
   flex_attention    torch.compile'd flex_attention with an ALiBi or relative-bias score_mod and a causal block
                     mask, where it compiles and runs on the device (skipped with the reason otherwise).
 
 Positions: alibi, rope, rope_yarn (RoPE with YaRN(4, original_max_len=1024)), relative (T5 buckets: a
 seeded (H, 32) table, max_distance 128) and none.
 
-Timing: median wall time of repeated calls after a warmup call (CUDA events on GPU, perf_counter on CPU).
+Timing: median wall time of repeated calls after a warmup call (CUDA events on GPU, perf_counter on CPU;
+bench/gpu_bench.py times GPU calls with gpu_median_ms, triton.testing.do_bench where Triton is installed).
 Modes: "fwd" (no autograd graph), "bwd" (the backward of a retained forward graph), "fwd+bwd".
+Throughput: attention_flops counts the matmuls of 2 * N * N * D FLOPs each per head, two for the forward and
+five for the backward (it recomputes QK^T), halved for causal masks; position work is not counted, so every
+provider of a case is credited the same FLOPs and TFLOP/s ranks them as time does.
 Peak memory is measured, never estimated: the extra bytes the timed calls allocate above what exists
 before them (inputs; for "bwd" also the forward graph). CUDA: max_memory_allocated. CPU: each
 (provider, position, N) runs in a fresh process whose peak RSS (VmHWM) is reset after the warmup.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
+import datetime
 import gc
 import math
 import multiprocessing
+import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,11 +49,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import backends
 from .attention import fused_attention
 from .positions import NONE, ALiBi, PositionScheme, RelativeBias, RoPE, ResolvedPosition
 from .rope_scaling import YaRN
 from .reference import absolute_positions, apply_rope, position_bias, visibility
+from .selfcheck import kernel_backends
 
 POSITIONS = ("alibi", "rope", "rope_yarn", "relative", "none")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -51,6 +63,8 @@ REFERENCE_PROVIDER = "fused:reference"
 REFERENCE_NOTE = ("fused:reference is the dense oracle (reference.py, O(N^2) memory), not a fused kernel; it "
                   "stands in for fused where no kernel backend is built")
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+MATMULS = {"fwd": 2, "bwd": 5, "fwd+bwd": 7}  # N x N x D matmuls per mode (the backward recomputes QK^T)
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,6 +113,50 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': the device part of result file names."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def source_revision() -> str:
+    """Short git commit of the checkout this package is imported from, '-dirty' when tracked files changed;
+    'unknown' outside a git checkout (an installed wheel)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = ["git", "-C", checkout]
+        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def software_versions(device: str) -> dict[str, str]:
+    """Device, software versions and the date, for the header of every result file."""
+    from . import __version__
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    versions = {"device": device_name(device)}
+    if torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        versions["compute capability"] = f"{major}.{minor}"
+        versions["CUDA (torch)"] = str(torch.version.cuda)
+    versions.update({
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "fused_pos_attn": f"{__version__} ({source_revision()})",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    })
+    return versions
+
+
 # ---------------------------------------------------------------------------------------------- providers
 
 def fused_backends(device: str) -> list[str]:
@@ -106,17 +164,8 @@ def fused_backends(device: str) -> list[str]:
 
     Triton on CPU tensors would only run under the interpreter, which is not a speed measurement.
     """
-    probe = torch.zeros(1, 1, 1, 16, device=device)
-    usable = []
-    for name in ("triton", "cuda", "cpu"):
-        if name == "triton" and probe.device.type != "cuda":
-            continue
-        try:
-            backends.select(name, probe)
-        except (ValueError, TypeError, ImportError):
-            continue
-        usable.append(name)
-    return usable or ["reference"]
+    on_cuda = torch.device(device).type == "cuda"
+    return [name for name in kernel_backends(device) if name != "triton" or on_cuda] or ["reference"]
 
 
 def provider_names(device: str, include_flex: bool = True) -> list[str]:
@@ -149,15 +198,37 @@ def _fused(backend: str, case: Case) -> AttentionFn:
     return lambda q, k, v: fused_attention(q, k, v, pos=pos, causal=case.causal, backend=backend)
 
 
+def _floor_backend(device: str) -> contextlib.AbstractContextManager:
+    """SDPA pinned to its flash backend on CUDA (the floor every GPU table compares with); on CPU the
+    dispatcher's own choice, which is its flash kernel for unmasked calls."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def _sdpa_causal(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with _floor_backend(case.device):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+
+
 def _sdpa_floor(case: Case) -> AttentionFn:
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+    return lambda q, k, v: _sdpa_causal(case, q, k, v)
+
+
+def dense_bias_bytes(case: Case) -> int:
+    """Bytes of the largest (1, H, N, N) tensor sdpa_dense_bias builds for an ALiBi / relative bias: its
+    fp32 values before the cast (position math runs in fp32 for half-precision inputs, as in transformers)."""
+    return case.heads * case.seq_len ** 2 * 4
 
 
 def _sdpa_dense_bias(case: Case) -> AttentionFn:
-    """ALiBi / relative: a (B, H, N, N) float bias with the causal mask merged in, built on every call as
-    models do. RoPE: q and k rotated into new tensors, then causal SDPA. "none": plain causal SDPA.
+    """ALiBi / relative: a (1, H, N, N) float bias with the causal mask merged in, built on every call as
+    models do and broadcast over the batch (every row has positions 0..N-1). RoPE: q and k rotated into new
+    tensors, then causal SDPA on the floor's backend. "none": the floor itself.
     """
-    position, pos_ids = _positions(case)
+    position, pos_ids = _positions(dataclasses.replace(case, batch=1))
     if case.pos in ("alibi", "relative"):
         def biased(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             bias = position_bias(pos_ids, pos_ids, position, q.dtype)
@@ -166,8 +237,8 @@ def _sdpa_dense_bias(case: Case) -> AttentionFn:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return biased
     if case.pos.startswith("rope"):
-        return lambda q, k, v: F.scaled_dot_product_attention(
-            apply_rope(q, pos_ids, position), apply_rope(k, pos_ids, position), v, is_causal=case.causal)
+        return lambda q, k, v: _sdpa_causal(case, apply_rope(q, pos_ids, position), apply_rope(k, pos_ids, position),
+                                            v)
     return _sdpa_floor(case)
 
 
@@ -206,8 +277,19 @@ def _flex_attention(case: Case) -> AttentionFn:
         score_mod = _alibi_score_mod(position.slopes.contiguous())
     elif case.pos == "relative":
         score_mod = _relative_score_mod(position.rel_bias.detach(), position.max_distance)
+    _allow_recompiles_per_shape()
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def _allow_recompiles_per_shape(limit: int = 64) -> None:
+    """A plan compiles flex_attention once per shape and mode; past dynamo's recompile limit (8 by default)
+    it would silently fall back to eager flex_attention, a dense and much slower path, and time that."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 def build_provider(name: str, case: Case) -> AttentionFn:
@@ -268,6 +350,26 @@ def _elapsed_ms(step: Callable[[], object], device: str) -> float:
     begin = time.perf_counter()
     step()
     return (time.perf_counter() - begin) * 1e3
+
+
+def gpu_median_ms(step: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median GPU time (ms) of step, warmup excluded: triton.testing.do_bench (CUDA events around each call,
+    queued back to back, the L2 cache flushed before each) where Triton is installed, else time_step's
+    CUDA events over about rep_ms of calls."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return time_step(step, "cuda", min_time_s=rep_ms / 1e3)[0]
+    return float(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def attention_flops(case: Case, mode: str) -> float:
+    """FLOPs credited to one call of `mode` on `case`: MATMULS[mode] matmuls of 2 * N * N * D per (batch, head),
+    halved under a causal mask (the FlashAttention convention; position work is not counted)."""
+    if mode not in MATMULS:
+        raise ValueError(f"mode must be one of {tuple(MATMULS)}, got {mode!r}")
+    flops = MATMULS[mode] * 2.0 * case.batch * case.heads * case.seq_len ** 2 * case.head_dim
+    return flops / 2 if case.causal else flops
 
 
 def proc_status_kib(field: str) -> int:

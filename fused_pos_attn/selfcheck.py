@@ -1,19 +1,28 @@
-"""Correctness self-check: each kernel backend usable here against the fp64 dense reference."""
+"""Correctness self-check: each kernel backend usable here against the fp64 dense reference.
+
+One small causal GQA call per (backend, scheme): q (2, 4, 19, 64), k and v (2, 2, 37, 64). D = 64 because the
+CUDA C++ kernels take D in {64, 128}. The partial RoPE and relative parameters are those of
+tests/test_attention_backends.py's SCHEMES, so on a GPU the Triton kernels this check compiles are the ones
+`pytest -m gpu` compiled before it (`make gpu-check` runs the tests first; Triton caches kernels on disk).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from . import backends
 from .attention import fused_attention
-from .backends import triton_interpreter_enabled
 from .positions import RelativeBias, RoPE
 from .rope_scaling import YaRN
 
+Q_SHAPE, KV_SHAPE = (2, 4, 19, 64), (2, 2, 37, 64)
+SHAPE_NOTE = f"causal, GQA {Q_SHAPE[1]}:{KV_SHAPE[1]}, Nq={Q_SHAPE[2]}, Nk={KV_SHAPE[2]}, D={Q_SHAPE[3]}"
 SCHEMES = {"none": "none", "alibi": "alibi", "rope": "rope",
-           "rope (interleaved, partial)": RoPE(rotary_dim=8, interleaved=True),
+           "rope (interleaved, partial)": RoPE(rotary_dim=12, interleaved=True),
            "rope (YaRN x4)": RoPE(scaling=YaRN(4.0, original_max_len=16)),
-           "relative (T5)": RelativeBias(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)))}
+           "relative (T5)": RelativeBias(torch.randn(Q_SHAPE[1], 16, generator=torch.Generator().manual_seed(0)),
+                                         max_distance=12)}
 
 
 @dataclass
@@ -31,20 +40,25 @@ class CheckResult:
 
 
 def kernel_backends(device: str) -> list[str]:
-    """Kernel backends that can run on tensors of this device."""
-    backends = ["cpu"] if device == "cpu" else []
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return backends
-    return backends + (["triton"] if device == "cuda" or triton_interpreter_enabled() else [])
+    """Kernel backends that can run fp16 (B, H, N, 64) tensors of `device`, of "triton" (CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1), "cuda" (when the extension was built with the CUDA C++ kernels) and
+    "cpu" (the native kernels): those backends.select accepts."""
+    probe = torch.zeros(1, 1, 1, Q_SHAPE[3], dtype=torch.float16, device=device)
+    usable = []
+    for name in ("triton", "cuda", "cpu"):
+        try:
+            backends.select(name, probe)
+        except (ValueError, TypeError, ImportError):
+            continue
+        usable.append(name)
+    return usable
 
 
 def check_one(backend: str, pos, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[float, float]:
-    """Max |error| of out and of (dq, dk, dv) against the fp64 reference on a small causal GQA call with
-    Nq != Nk, relative to the reference's max magnitude."""
+    """Max |error| of out and of (dq, dk, dv) against the fp64 reference on the causal GQA call of Q_SHAPE,
+    KV_SHAPE, relative to the reference's max magnitude."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = ((2, 4, 19, 32), (2, 2, 37, 32), (2, 2, 37, 32))
+    shapes = (Q_SHAPE, KV_SHAPE, KV_SHAPE)
     inputs = [torch.randn(s, generator=gen).to(device) for s in shapes]
     grad_out = torch.randn(shapes[0], generator=gen).to(device)
     results = []
