@@ -1,13 +1,20 @@
 """Launch configurations: autotune candidates for A100/H100-class GPUs, and one small config for the
 CPU interpreter. The static check (tests/test_static_gpu.py) compiles every candidate listed here for
-sm_80 and sm_90; each list holds only shapes it found free of register spills for every scheme that
-uses the list (RoPE's rotation and partial-rotary tiles, and the relative bias gather, need more
-registers, so those schemes get their own lists where the shared ones spill). `pos` is the scheme name:
-"none", "alibi", "rope" or "relative".
+sm_80 and sm_90; each list holds only shapes it found free of register spills, under Triton 3.9 and 3.6,
+for every variant of the schemes that use the list (RoPE's rotation and partial-rotary tiles, and the
+relative bias gather and table gradient, need more registers, so those schemes get their own lists where
+the shared ones spill). `pos` is the scheme name: "none", "alibi", "rope" or "relative".
+
+Shapes are (BLOCK_M, BLOCK_N, num_warps, num_stages). The notes say which variant spilled in a dropped
+shape (bench/results/static_check*.md has every compile). Where no shape with BLOCK_N >= 32 was clean on
+both Triton versions, the list keeps the one that was.
 """
 import triton
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D values: head dims are padded up to one of these
+# Triton before 3.9 (the GPU machines' 3.6) allocates registers differently; the one list that must differ
+# between the versions (forward, BLOCK_D 256, RoPE) has no shape that is spill-free on both.
+LEGACY_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -25,10 +32,14 @@ def forward_configs(block_d: int, pos: str) -> list:
         shapes = [(128, 64, 8, 3), (64, 32, 4, 4)]
     elif block_d <= 64:
         shapes = [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
+    elif block_d <= 128 and pos == "rope":  # M64 N64 spills under Triton 3.6 (full rotary, sm_80)
+        shapes = [(128, 32, 8, 3), (128, 16, 8, 3)]
     elif block_d <= 128:
         shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
+    elif pos == "rope" and LEGACY_TRITON:  # M32 spills under 3.6 (full rotary), M16 under 3.9 (half rotary)
+        shapes = [(16, 32, 8, 2), (16, 32, 8, 3)]
     elif pos == "rope":
-        shapes = [(32, 32, 8, 2), (32, 32, 8, 3)]
+        shapes = [(32, 16, 8, 2), (32, 16, 8, 3)]
     else:
         shapes = [(64, 32, 8, 2), (64, 16, 8, 2)]
     return _configs(shapes)
@@ -36,14 +47,20 @@ def forward_configs(block_d: int, pos: str) -> list:
 
 def backward_dkdv_configs(block_d: int, pos: str) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
-    if block_d <= 64:
-        shapes = [(64, 16, 8, 3)]
-    elif block_d <= 128 and pos == "rope":  # M16 spills on sm_90 at HEAD_DIM 80 with full rotary
-        shapes = [(32, 32, 8, 2)]
+    if block_d <= 64 and pos == "rope":  # 3 stages spill (rotary D/4, sm_80), so does every N32 shape tried
+        shapes = [(64, 16, 8, 2)]
+    elif block_d <= 64 and pos == "relative":  # the bucket-gradient gather spills M64 (Triton 3.6)
+        shapes = [(32, 32, 8, 3), (32, 16, 8, 3)]
+    elif block_d <= 64:
+        shapes = [(64, 16, 8, 3), (64, 32, 8, 3)]
+    elif block_d <= 128 and pos == "rope":  # M32 N32 spills (interleaved D/4), M16 N32 too (full rotary, sm_90)
+        shapes = [(32, 16, 8, 2)]
     elif block_d <= 128:
         shapes = [(32, 32, 8, 2), (16, 32, 8, 2)]
-    elif pos == "rope":
-        shapes = [(16, 32, 8, 1), (16, 32, 8, 2)]
+    elif pos == "rope":  # 2 stages spill (interleaved D/4)
+        shapes = [(16, 32, 8, 1)]
+    elif pos == "relative":  # M32 N32 spills with 128 buckets (Triton 3.6, sm_80)
+        shapes = [(32, 16, 8, 1), (16, 32, 8, 1)]
     else:
         shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
@@ -51,10 +68,18 @@ def backward_dkdv_configs(block_d: int, pos: str) -> list:
 
 def backward_dq_configs(block_d: int, pos: str) -> list:
     """dQ: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
-    if block_d <= 64:
+    if block_d <= 64 and pos == "rope":  # N64 spills (interleaved D/4, sm_80)
+        shapes = [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)]
+    elif block_d <= 64 and pos == "relative":  # M64 N64 on 8 warps spills (sm_80)
+        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+    elif block_d <= 64:
         shapes = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
+    elif block_d <= 128 and pos == "rope":  # M64 N32 spills under 3.6 (full and half rotary, sm_80)
+        shapes = [(64, 16, 8, 1), (32, 16, 8, 2)]
     elif block_d <= 128:
         shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2)]
+    elif pos == "rope":  # 1 stage spills (interleaved D/4, Triton 3.6, sm_90)
+        shapes = [(32, 32, 8, 2), (32, 32, 8, 3)]
     else:
         shapes = [(32, 32, 8, 1)]
     return _configs(shapes)

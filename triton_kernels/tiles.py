@@ -10,6 +10,8 @@ v, out and dO rows are always plain (R, BLOCK_D) tiles.
 Row offsets are int64: row * stride_n passes 2^31 elements in a (B, N, H, D) cache viewed as (B, H, N, D)
 once N * H * D does (262144 rows at H * D = 8192); column offsets stay int32 (d * stride_d is small).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -20,6 +22,24 @@ from .position import POS_ROPE, rope_cos_sin, rope_pair_columns, rope_rotate_pai
 def row_offsets(offs_rows, stride_n):
     """(R, 1) int64 element offsets of rows offs_rows (R,) int32 of a matrix with row stride stride_n."""
     return offs_rows.to(tl.int64)[:, None] * stride_n
+
+
+# layout_fence is on for Triton before 3.9 (3.6 needs it; 3.9 allocates registers better without it) and off
+# under the interpreter, which has no inline assembly.
+FENCE = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9)
+                     and os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def layout_fence(x):
+    """x, through an identity Triton's layout passes cannot look through (a non-pure inline-asm mov). Without it
+    Triton 3.6 hoists the dot-operand layout conversion of a rotated RoPE tile up through the rotation, so
+    every warp recomputes the whole tile's sin/cos (the mma operand layout is replicated across warps):
+    thousands of bytes of register spills on sm_80. Triton 3.9 keeps the conversion after the rotation."""
+    if FENCE:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False,
+                                      pack=32 // x.dtype.primitive_bitwidth)
+    return x
 
 
 @triton.jit
@@ -47,7 +67,7 @@ def load_qk_tiles(Base, offs_rows, num_rows, stride_n, stride_d, positions, InvF
         column, real = rope_pair_columns(MAIN_BLOCK, ROTARY_DIM, INTERLEAVED)
         x = load_tile(Base, offs_rows, num_rows, stride_n, stride_d, column, real)
         cos, sin = rope_cos_sin(positions, InvFreq, attention_factor, MAIN_BLOCK // 2, ROTARY_DIM)
-        main = rope_rotate_pairs(x, cos, sin, False).to(x.dtype)
+        main = layout_fence(rope_rotate_pairs(x, cos, sin, False).to(x.dtype))
     else:
         offs_d = tl.arange(0, MAIN_BLOCK)
         main = load_tile(Base, offs_rows, num_rows, stride_n, stride_d, offs_d, offs_d < HEAD_DIM)
