@@ -50,14 +50,38 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "head dim must be in [1, 256]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(is_pos_kind(a.pos), "unknown position kind ", a.pos);
-  const int64_t batch = q.size(0);
-  for (const at::Tensor* off : {&a.q_offset, &a.k_offset}) {
+  // The packed (varlen) layout: cu_seqlens_q / cu_seqlens_k (S + 1,) int64, q / k / v one tensor batch; the call's
+  // batch is then S. A dense call passes both empty and max_seqlen 0.
+  for (const auto& [name, cu] :
+       {std::pair{"cu_seqlens_q", &a.cu_seqlens_q}, std::pair{"cu_seqlens_k", &a.cu_seqlens_k}}) {
+    TORCH_CHECK(cu->scalar_type() == at::kLong && cu->dim() == 1 && cu->is_contiguous(), name,
+                " must be a contiguous 1-D int64 tensor ((S + 1,) for packed sequences, (0,) for a dense call), got ",
+                cu->scalar_type(), " of shape ", cu->sizes());
+    TORCH_CHECK(cu->device() == q.device(), name, " must be on q's device ", q.device(), ", got ", cu->device());
+  }
+  TORCH_CHECK(a.cu_seqlens_q.size(0) == a.cu_seqlens_k.size(0),
+              "cu_seqlens_q and cu_seqlens_k must have the same length (S + 1 packed, 0 dense), got ",
+              a.cu_seqlens_q.size(0), " and ", a.cu_seqlens_k.size(0));
+  const bool varlen = a.cu_seqlens_q.size(0) > 0;
+  if (varlen) {
+    TORCH_CHECK(q.size(0) == 1, "packed (varlen) q, k, v must be (1, H, total, D) views, got q of shape ", q.sizes());
+    TORCH_CHECK(a.max_seqlen_q >= 0 && a.max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ",
+                a.max_seqlen_q, " and ", a.max_seqlen_k);
+  } else {
+    TORCH_CHECK(a.max_seqlen_q == 0 && a.max_seqlen_k == 0,
+                "max_seqlen_q and max_seqlen_k must be 0 for a dense call (empty cu_seqlens), got ", a.max_seqlen_q,
+                " and ", a.max_seqlen_k);
+  }
+  const int64_t batch = varlen ? a.cu_seqlens_q.size(0) - 1 : q.size(0);  // B, or S sequences
+  for (const auto& [name, off] : {std::pair{"q_offset", &a.q_offset}, std::pair{"k_offset", &a.k_offset}}) {
     TORCH_CHECK(off->scalar_type() == at::kLong && off->dim() == 1 && off->size(0) == batch && off->is_contiguous(),
-                "offsets must be contiguous (B,) int64 tensors");
+                name, " must be a contiguous (", varlen ? "S" : "B", ",) = (", batch, ",) int64 tensor, got ",
+                off->scalar_type(), " of shape ", off->sizes());
   }
   TORCH_CHECK(a.slopes.scalar_type() == at::kFloat && a.slopes.dim() == 2 && a.slopes.size(0) == batch &&
                   a.slopes.size(1) == q.size(1),
-              "slopes must be a (B, Hq) float32 tensor");
+              "slopes must be a (", varlen ? "S" : "B", ", Hq) = (", batch, ", ", q.size(1), ") float32 tensor, got ",
+              a.slopes.scalar_type(), " of shape ", a.slopes.sizes());
   TORCH_CHECK(a.inv_freq.scalar_type() == at::kFloat && a.inv_freq.is_contiguous(), "inv_freq must be contiguous fp32");
   if (a.pos == static_cast<int64_t>(PosKind::kRope)) {
     TORCH_CHECK(a.rotary_dim > 0 && a.rotary_dim % 2 == 0 && a.rotary_dim <= q.size(3),
@@ -170,12 +194,13 @@ void run_cuda(Launch&& launch) {
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v FPA_CALL_PARAMS) {
   check_same_cuda_device(q, {{"k", &k}, {"v", &v}, {"q_offset", &q_offset}, {"k_offset", &k_offset},
-                             {"slopes", &slopes}, {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}});
+                             {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}, {"slopes", &slopes},
+                             {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}});
   const gpu::DType dtype = cuda_dtype(q);
   const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = output_like(q);
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({q.size(0), p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
   run_cuda([&] {
     return gpu::attention_forward(p, dtype, tensor4(q, "q"), tensor4(k, "k"), tensor4(v, "v"), tensor4(out, "out"),
                                   lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
@@ -189,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor no_grad_lse;
   check_same_cuda_device(q, {{"grad_out", &grad_out}, {"grad_lse", grad_lse ? &*grad_lse : &no_grad_lse},
                              {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}, {"q_offset", &q_offset},
-                             {"k_offset", &k_offset}, {"slopes", &slopes}, {"inv_freq", &inv_freq},
+                             {"k_offset", &k_offset}, {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k},
+                             {"slopes", &slopes}, {"inv_freq", &inv_freq},
                              {"rel_bias", &rel_bias}});
   const gpu::DType dtype = cuda_dtype(q);
   const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
@@ -197,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = output_like(q), dk = output_like(k), dv = output_like(v);
   at::Tensor d_rel_bias = d_rel_bias_output(p, rel_grad, q);
-  at::Tensor dq_accum = at::empty({p.batch, p.heads_q, p.seq_q, p.head_dim}, q.options().dtype(at::kFloat));
-  at::Tensor delta = at::empty({p.batch, p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  at::Tensor dq_accum = at::empty({q.size(0), p.heads_q, p.seq_q, p.head_dim}, q.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({q.size(0), p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
   at::Tensor d_rel_partial = at::empty({gpu::rel_partial_floats(p, d_rel_bias.numel() > 0)}, delta.options());
   const gpu::BackwardWorkspace ws{dq_accum.data_ptr<float>(), delta.data_ptr<float>(),
                                   d_rel_partial.numel() ? d_rel_partial.data_ptr<float>() : nullptr};

@@ -13,9 +13,23 @@ from .positions import ResolvedPosition
 class AttentionSpec:
     """Everything but q, k, v.
 
-    q_offset, k_offset: (B,) int64 on the tensors' device; query row i sits at q_offset[b] + i,
-        key column j at k_offset[b] + j.
+    Two layouts reach the backends, both as 4-D (B, H, N, D) tensors:
+    - dense (cu_seqlens_q is None): q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); batch b's rows are q[b].
+    - packed (varlen): q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D) (views of FlashAttention's
+      (total, H, D) tensors); sequence s owns query rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] and key rows
+      cu_seqlens_k[s]:cu_seqlens_k[s + 1]. The call's batch is the S sequences: offsets and ALiBi slopes
+      are per sequence, LSE is (1, Hq, total_q).
+
+    q_offset, k_offset: (B,) int64 (dense) or (S,) int64 (packed) on the tensors' device; query row i of
+        batch / sequence b sits at q_offset[b] + i, key column j at k_offset[b] + j.
     window: left window w (key visible iff pq - pk < w) or None.
+    cu_seqlens_q, cu_seqlens_k: (S + 1,) int64 contiguous on the tensors' device, non-decreasing, from 0 to
+        total_q / total_k, or None for the dense layout. Validated by fused_attention_varlen when that is
+        cheap (always for CPU tensors); kernels still clamp every sequence's rows into [0, total) so that
+        no cu_seqlens can make them read or write out of bounds.
+    max_seqlen_q, max_seqlen_k: packed layout only (0 for dense, where N is the tensors'): the longest
+        sequence's length, an upper bound that sizes grids and workspaces (kernels process at most that many
+        rows of a sequence).
     """
 
     causal: bool
@@ -24,3 +38,17 @@ class AttentionSpec:
     q_offset: torch.Tensor
     k_offset: torch.Tensor
     position: ResolvedPosition
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        """True for the packed layout."""
+        return self.cu_seqlens_q is not None
+
+    @property
+    def num_sequences(self) -> int:
+        """The call's batch: B (dense) or S (packed), the length of q_offset."""
+        return self.q_offset.shape[0]

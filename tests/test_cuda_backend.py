@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fused_pos_attn import ALiBi, RoPE, backends, fused_attention
-from fused_pos_attn.backends import cpu_backend, native
+from fused_pos_attn.backends import cpu_backend, cuda_backend, native
 from fused_pos_attn.positions import ResolvedPosition
 from fused_pos_attn.spec import AttentionSpec
 from test_attention_backends import SCHEMES, Case, RelativeTable, check_case
 from test_native_lse_grad import check_lse_case
+from test_native_varlen import check_against_reference, check_garbage_cu_seqlens, make_packed
 
 BUILT_WITH_CUDA = native.built_with_cuda()
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -206,6 +207,39 @@ def test_unsupported_inputs_raise_before_any_kernel():
         fused_attention(q, q, q, backend="cuda")
     with pytest.raises(ValueError, match=r"backend='cuda' needs CUDA tensors, got device cpu"):
         fused_attention(*(torch.randn(1, 2, 8, 64, dtype=torch.float16),) * 3, backend="cuda")
+
+
+# Packed (varlen) sequences (test_native_varlen's helpers; the same cases run on the kernels' CPU emulation in
+# test_cuda_emulated.py): sequences longer than one block, empty, length 1, queries without keys and keys without
+# queries, per-sequence offsets and ALiBi slopes, against the reference on each sequence alone.
+VARLEN_SCHEMES = dict(none="none", alibi="alibi", rope="rope",
+                      rope_partial_interleaved=RoPE(rotary_dim=24, interleaved=True), relative=(8, 5))
+
+
+@gpu_test
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scheme", list(VARLEN_SCHEMES))
+def test_varlen(scheme, causal, dtype, head_dim):
+    p = make_packed(VARLEN_SCHEMES[scheme], (70, 0, 1, 300, 129, 5), (90, 3, 0, 300, 129, 17), heads=4, kv_heads=2,
+                    head_dim=head_dim, dtype=dtype, causal=causal, window=200 if causal else None, device="cuda")
+    check_against_reference(cuda_backend, p, dtype, f"{scheme} causal={causal}")
+
+
+@gpu_test
+@pytest.mark.parametrize("layout", ["qkv", "packed"])
+def test_varlen_self_attention_layouts(layout):
+    """q / k / v slices of one (total, Hq + 2 Hkv, D) tensor, or separate packed tensors; relative table gradient."""
+    p = make_packed((16, 12), (64, 1, 0, 257), heads=4, kv_heads=2, head_dim=64, dtype=torch.float16, layout=layout,
+                    device="cuda")
+    check_against_reference(cuda_backend, p, torch.float16, layout)
+
+
+@gpu_test
+@pytest.mark.parametrize("max_seqlen", ["truncating", "huge"])
+def test_varlen_garbage_cu_seqlens_stay_in_bounds(max_seqlen):
+    check_garbage_cu_seqlens(cuda_backend, torch.float16, 64, max_seqlen, device="cuda", dq_zero_outside=True)
 
 
 # ---------------------------------------------------------------------------------------- selection, everywhere

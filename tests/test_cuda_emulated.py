@@ -11,6 +11,9 @@ the relative table's gradient fold) -> the harness, standing in for torch.ops.fu
 CUDA tensors, with the launchers' grids. The harness reads the op arguments in csrc's FPA_CALL_ARGS order, the
 order of the ops' schema.
 
+Packed (varlen) calls run the same way (test_native_varlen's helpers build them), including cu_seqlens that are
+garbage: NaN guard rows around every tensor show a read or write outside it.
+
 Not covered: timing, cp.async's asynchrony (emulated copies complete at once), the hardware's accumulation
 order inside mma, resource limits (tests/test_cuda_compile.py checks those). Skipped with a GPU (the real
 kernels run in tests/test_cuda_backend.py) or without g++ / the CUDA headers.
@@ -34,6 +37,7 @@ from fused_pos_attn.triton_kernels.scheme_codes import SCHEME_CODES
 from test_attention_backends import Case, RelativeTable, check_case
 from test_cuda_compile import cuda_include_dir
 from test_native_lse_grad import check_lse_case
+from test_native_varlen import check_against_reference, check_garbage_cu_seqlens, make_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -93,7 +97,7 @@ def _output_like(t: torch.Tensor) -> torch.Tensor:
 
 
 class HostTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("strides", ctypes.c_int64 * 4)]
+    _fields_ = [("data", ctypes.c_void_p), ("strides", ctypes.c_int64 * 4), ("sizes", ctypes.c_int64 * 4)]
 
 
 class EmuArg(ctypes.Structure):
@@ -112,7 +116,9 @@ def _emu_args(call_args: dict):
     for arg, name in zip(args, CALL_ARG_NAMES):
         value = call_args[name]
         if isinstance(value, torch.Tensor):
-            arg.tensor = HostTensor(_ptr(value), (ctypes.c_int64 * 4)(*value.stride(), *[0] * (4 - value.dim())))
+            pad = [0] * (4 - value.dim())
+            arg.tensor = HostTensor(_ptr(value), (ctypes.c_int64 * 4)(*value.stride(), *pad),
+                                    (ctypes.c_int64 * 4)(*value.shape, *pad))
         elif isinstance(value, float):
             arg.real = value
         else:
@@ -282,3 +288,43 @@ def test_unaligned_rows_take_element_copies(emulated_ops):
     unaligned = emulated_ops.attention_forward(q, k, v, **native.op_args(spec, q))
     aligned = emulated_ops.attention_forward(*(t.contiguous() for t in (q, k, v)), **native.op_args(spec, q))
     assert q.stride(2) % 8 and all(torch.equal(a, b) for a, b in zip(unaligned, aligned))
+
+
+# Packed (varlen) sequences: q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D) and cu_seqlens, through cuda_backend
+# with a packed AttentionSpec (test_native_varlen's helpers), against the reference run on each sequence alone.
+# Grids span the longest sequence: blocks past a shorter one's rows (or keys) exit, and the relative table's
+# reduction skips their partial rows (the harness fills that workspace with NaN, so a row read but never written
+# shows). Sequences: longer than one 64-row block, empty, length 1, with queries and no keys, with keys and no query.
+VARLEN_CASES = {
+    # Per-sequence ALiBi slopes, GQA, causal + left window, per-sequence offsets.
+    "alibi_slopes_gqa_window_fp16_d64": (dict(scheme="alibi", lengths_q=(70, 0, 1, 20), lengths_k=(90, 3, 0, 20),
+                                              heads=4, kv_heads=2, window=33,
+                                              offsets=([20, 0, 5, 3_000_000_000], [0, 0, 0, 3_000_000_000 - 7])),
+                                         torch.float16),
+    # Partial interleaved RoPE at D = 128 (the backward's 32-row query tiles), bidirectional, MQA.
+    "rope_partial_bidirectional_mqa_bf16_d128": (dict(scheme=RoPE(rotary_dim=24, interleaved=True),
+                                                      lengths_q=(40, 1, 0, 33), lengths_k=(70, 2, 4, 33), heads=2,
+                                                      kv_heads=1, head_dim=128, causal=False), torch.bfloat16),
+    # The relative table's gradient from per-block partial rows, q / k / v slices of one (total, 3, H, D) tensor.
+    "relative_table_qkv_fp16_d64": (dict(scheme=(8, 5), lengths_q=(3, 0, 100, 1), heads=2, kv_heads=2,
+                                         layout="qkv"), torch.float16),
+    # Full RoPE, causal, self-attention with GQA (one (total, Hq + 2 Hkv, D) tensor).
+    "rope_causal_gqa_qkv_fp16_d64": (dict(scheme="rope", lengths_q=(66, 2, 0, 17), heads=4, kv_heads=2, layout="qkv"),
+                                     torch.float16),
+}
+
+
+@pytest.mark.parametrize("name", list(VARLEN_CASES))
+def test_emulated_varlen_matches_reference(name, emulated_cuda_backend):
+    kwargs, dtype = VARLEN_CASES[name]
+    kwargs = dict(kwargs)
+    p = make_packed(kwargs.pop("scheme"), kwargs.pop("lengths_q"), kwargs.pop("lengths_k", None), dtype=dtype,
+                    head_dim=kwargs.pop("head_dim", 64), **kwargs)
+    check_against_reference(cuda_backend, p, dtype, name)
+
+
+@pytest.mark.parametrize("max_seqlen", ["truncating", "huge"])
+def test_emulated_varlen_garbage_cu_seqlens_stay_in_bounds(max_seqlen, emulated_cuda_backend):
+    """Garbage cu_seqlens / max_seqlen (test_native_varlen.check_garbage_cu_seqlens): rows clamped into the tensors,
+    grids sized by min(max_seqlen, total), nothing read or written outside the tensors, dq 0 on unowned rows."""
+    check_garbage_cu_seqlens(cuda_backend, torch.float16, 64, max_seqlen, dq_zero_outside=True)

@@ -1,11 +1,15 @@
-// CPU attention backward (FlashAttention-2): one task per (batch, kv head) owns that head's dK / dV
-// (accumulated over its query-head group, so no atomics and a deterministic result) and the dQ of
-// every query head of the group. Scores are recomputed from q, k and the saved LSE; a gradient of the LSE
-// enters through delta = rowsum(dO * O) - dLSE (dS = P * (dP - delta)). The relative bias table's gradient
-// is summed per (batch, head) in a fixed order, then over the batch: deterministic.
+// CPU attention backward (FlashAttention-2): one task per (batch or packed sequence, kv head) owns that head's
+// dK / dV (accumulated over its query-head group, so no atomics and a deterministic result) and the dQ of
+// every query head of the group. Tasks go to the threads one at a time, the costliest (longest sequences)
+// first, so a packed call's sequences of different lengths stay balanced. Scores are recomputed from q, k and
+// the saved LSE; a gradient of the LSE enters through delta = rowsum(dO * O) - dLSE (dS = P * (dP - delta)).
+// The relative bias table's gradient is summed per (batch, head) in a fixed order, then over the batch:
+// deterministic.
 #include "cpu_kernels.h"
 #include "gemm.h"
 #include "tiles.h"
+
+#include <numeric>
 
 namespace fused_pos_attn::cpu {
 namespace {
@@ -16,12 +20,20 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor* grad_lse, const
                    at::Tensor& dv, at::Tensor& d_rel_bias, const AttentionParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = p.head_dim;
-  const int64_t block_m = std::min(kBlockM, p.seq_q), block_n = std::min(kBlockN, p.seq_k);
+  const int64_t block_m = std::max<int64_t>(1, std::min(kBlockM, p.max_q_len()));
+  const int64_t block_n = std::max<int64_t>(1, std::min(kBlockN, p.max_k_len()));
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
   const bool relative = p.pos == PosKind::kRelative;
   const bool table_grad = relative && d_rel_bias.numel() > 0;
   // (B, Hq, 2 * (max_distance + 1)) per-batch partial sums of the relative table's gradient.
   std::vector<acc_t> d_rel_partial(table_grad ? p.batch * p.heads_q * p.rel_bias_stride_h() : 0, acc_t(0));
+  // Tasks (b, kv head) = b * Hkv + kv head, run in order of decreasing cost (query rows x keys of b; stable, so
+  // a dense call keeps its natural order).
+  std::vector<int64_t> order(p.batch * p.heads_kv), cost(p.batch);
+  for (int64_t b = 0; b < p.batch; ++b) cost[b] = p.q_len(b) * p.k_len(b) + p.q_len(b) + p.k_len(b);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return cost[x / p.heads_kv] > cost[y / p.heads_kv]; });
   RopeTables<acc_t> rope_q, rope_k;
   const RopeTables<acc_t>* q_rope = nullptr;
   const RopeTables<acc_t>* k_rope = nullptr;  // q's table in self-attention
@@ -35,35 +47,36 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor* grad_lse, const
   const auto ov = view4<const scalar_t>(out), dov = view4<const scalar_t>(grad_out);
   const auto dqv = view4<scalar_t>(dq), dkv = view4<scalar_t>(dk), dvv = view4<scalar_t>(dv);
   const acc_t* lse_data = lse.data_ptr<acc_t>();
-  const acc_t* grad_lse_data = grad_lse ? grad_lse->data_ptr<acc_t>() : nullptr;  // (B, Hq, Nq) or none
+  const acc_t* grad_lse_data = grad_lse ? grad_lse->data_ptr<acc_t>() : nullptr;  // like lse, or none
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.batch * p.heads_kv, order, [&](const auto& next_task) {
     SequentialBlasScope sequential_blas;
     std::vector<acc_t> q_tile(block_m * D), do_tile(block_m * D), o_tile(block_m * D), k_tile(block_n * D);
     std::vector<acc_t> v_tile(block_n * D), probs(block_m * block_n), dprobs(block_m * block_n);
     std::vector<acc_t> dq_acc(block_m * D), delta(block_m), row_lse(block_m);
-    std::vector<acc_t> dk_acc(p.seq_k * D), dv_acc(p.seq_k * D);
+    std::vector<acc_t> dk_acc(p.max_k_len() * D), dv_acc(p.max_k_len() * D);
     RowIntervals intervals;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.heads_kv, kv_h = task % p.heads_kv;
-      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+    for (int64_t task = next_task(); task >= 0; task = next_task()) {
+      const int64_t b = task / p.heads_kv, kv_h = task % p.heads_kv, tb = p.tensor_batch(b);
+      const RowRange q_rows = p.q_rows(b), k_rows = p.k_rows(b);  // b's rows of q / dq and k / dk
+      std::fill(dk_acc.begin(), dk_acc.begin() + k_rows.len * D, acc_t(0));
+      std::fill(dv_acc.begin(), dv_acc.begin() + k_rows.len * D, acc_t(0));
       for (int64_t h = kv_h * p.group(); h < (kv_h + 1) * p.group(); ++h) {
         const acc_t slope = alibi ? static_cast<acc_t>(p.slope(b, h)) : acc_t(0);
-        for (int64_t i0 = 0; i0 < p.seq_q; i0 += block_m) {
-          const int64_t rows = std::min(block_m, p.seq_q - i0);
+        for (int64_t i0 = 0; i0 < q_rows.len; i0 += block_m) {
+          const int64_t rows = std::min(block_m, q_rows.len - i0), row0 = q_rows.start + i0;
           visible_intervals(p, b, i0, rows, intervals);
           if (intervals.lo >= intervals.hi) {  // no row sees a key: dq is 0
             std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
-            store_rows(dq_acc.data(), rows, D, acc_t(0), no_rope, false, dqv, b, h, i0);
+            store_rows(dq_acc.data(), rows, D, acc_t(0), no_rope, false, dqv, tb, h, row0);
             continue;
           }
-          pack_rows(qv, b, h, i0, rows, D, scale, q_rope, p.interleaved, q_tile.data());
-          pack_rows(dov, b, h, i0, rows, D, acc_t(1), no_rope, false, do_tile.data());
-          pack_rows(ov, b, h, i0, rows, D, acc_t(1), no_rope, false, o_tile.data());
+          pack_rows(qv, tb, h, row0, rows, D, scale, q_rope, p.interleaved, q_tile.data());
+          pack_rows(dov, tb, h, row0, rows, D, acc_t(1), no_rope, false, do_tile.data());
+          pack_rows(ov, tb, h, row0, rows, D, acc_t(1), no_rope, false, o_tile.data());
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t row = (b * p.heads_q + h) * p.seq_q + i0 + r;
+            const int64_t row = (tb * p.heads_q + h) * p.seq_q + row0 + r;
             row_lse[r] = lse_data[row];
             delta[r] = at::vec::map2_reduce_all<acc_t>([](Vec<acc_t> x, Vec<acc_t> y) { return x * y; },
                                                        [](Vec<acc_t> x, Vec<acc_t> y) { return x + y; },
@@ -77,8 +90,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor* grad_lse, const
 
           for (int64_t n0 = intervals.lo; n0 < intervals.hi; n0 += block_n) {
             const int64_t cols = std::min(block_n, intervals.hi - n0);
-            pack_rows(kv, b, kv_h, n0, cols, D, acc_t(1), k_rope, p.interleaved, k_tile.data());
-            pack_rows(vv, b, kv_h, n0, cols, D, acc_t(1), no_rope, false, v_tile.data());
+            pack_rows(kv, tb, kv_h, k_rows.start + n0, cols, D, acc_t(1), k_rope, p.interleaved, k_tile.data());
+            pack_rows(vv, tb, kv_h, k_rows.start + n0, cols, D, acc_t(1), no_rope, false, v_tile.data());
             // P = exp(S - lse) on visible entries, 0 elsewhere. S = (scale q') k'^T + bias.
             gemm<acc_t>(false, true, rows, cols, D, acc_t(1), q_tile.data(), D, k_tile.data(), D, acc_t(0),
                         probs.data(), cols);
@@ -118,11 +131,11 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor* grad_lse, const
             gemm<acc_t>(true, false, cols, D, rows, acc_t(1), probs.data(), cols, q_tile.data(), D, acc_t(1),
                         dk_rows, D);  // dK' += dS^T (scale Q')
           }
-          store_rows(dq_acc.data(), rows, D, scale, q_rope, p.interleaved, dqv, b, h, i0);
+          store_rows(dq_acc.data(), rows, D, scale, q_rope, p.interleaved, dqv, tb, h, row0);
         }
       }
-      store_rows(dk_acc.data(), p.seq_k, D, acc_t(1), k_rope, p.interleaved, dkv, b, kv_h, 0);
-      store_rows(dv_acc.data(), p.seq_k, D, acc_t(1), no_rope, false, dvv, b, kv_h, 0);
+      store_rows(dk_acc.data(), k_rows.len, D, acc_t(1), k_rope, p.interleaved, dkv, tb, kv_h, k_rows.start);
+      store_rows(dv_acc.data(), k_rows.len, D, acc_t(1), no_rope, false, dvv, tb, kv_h, k_rows.start);
     }
   });
   if (table_grad) {

@@ -1,5 +1,7 @@
 // CPU attention forward: FlashAttention-2's online softmax over key blocks, one task per
-// (batch, query head, block of kBlockM query rows). Per-thread tiles only: nothing of size Nq x Nk.
+// (batch or packed sequence, query head, block of kBlockM query rows of that sequence), handed to the threads
+// one at a time (parallel_tasks), so sequences of different lengths stay balanced. Per-thread tiles only:
+// nothing of size Nq x Nk.
 #include "cpu_kernels.h"
 #include "gemm.h"
 #include "tiles.h"
@@ -12,8 +14,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const AttentionParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = p.head_dim;
-  const int64_t block_m = std::min(kBlockM, p.seq_q), block_n = std::min(kBlockN, p.seq_k);
-  const int64_t num_q_blocks = (p.seq_q + block_m - 1) / block_m;
+  const int64_t block_m = std::max<int64_t>(1, std::min(kBlockM, p.max_q_len()));
+  const int64_t block_n = std::max<int64_t>(1, std::min(kBlockN, p.max_k_len()));
+  // Tasks in (b, h, query block) order: b's tasks start at task_start[b] (query blocks of b times Hq).
+  std::vector<int64_t> task_start(p.batch + 1, 0);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    task_start[b + 1] = task_start[b] + (p.q_len(b) + block_m - 1) / block_m * p.heads_q;
+  }
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
   const bool relative = p.pos == PosKind::kRelative;
   RopeTables<acc_t> rope_q, rope_k;
@@ -31,17 +38,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool k_in_place = std::is_same_v<scalar_t, acc_t> && k.stride(3) == 1 && !rope;
   const bool v_in_place = std::is_same_v<scalar_t, acc_t> && v.stride(3) == 1;
 
-  at::parallel_for(0, p.batch * p.heads_q * num_q_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(task_start[p.batch], {}, [&](const auto& next_task) {
     SequentialBlasScope sequential_blas;
     std::vector<acc_t> q_tile(block_m * D), k_tile(block_n * D), v_tile(block_n * D), scores(block_m * block_n);
     std::vector<acc_t> acc(block_m * D), row_max_v(block_m), row_sum(block_m);
     RowIntervals intervals;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (p.heads_q * num_q_blocks), h = task / num_q_blocks % p.heads_q;
-      const int64_t kv_h = h / p.group(), i0 = task % num_q_blocks * block_m;
-      const int64_t rows = std::min(block_m, p.seq_q - i0);
+    for (int64_t task = next_task(); task >= 0; task = next_task()) {
+      const int64_t b = std::upper_bound(task_start.begin(), task_start.end(), task) - task_start.begin() - 1;
+      const int64_t q_blocks = (task_start[b + 1] - task_start[b]) / p.heads_q;
+      const int64_t h = (task - task_start[b]) / q_blocks, i0 = (task - task_start[b]) % q_blocks * block_m;
+      const int64_t kv_h = h / p.group(), tb = p.tensor_batch(b);
+      const RowRange q_rows = p.q_rows(b);
+      const int64_t k_row0 = p.k_start(b);  // b's key j is row k_row0 + j of k and v
+      const int64_t rows = std::min(block_m, q_rows.len - i0), row0 = q_rows.start + i0;  // rows of q, out, lse
       const acc_t slope = alibi ? static_cast<acc_t>(p.slope(b, h)) : acc_t(0);
-      pack_rows(qv, b, h, i0, rows, D, static_cast<acc_t>(p.scale), q_rope, p.interleaved, q_tile.data());
+      pack_rows(qv, tb, h, row0, rows, D, static_cast<acc_t>(p.scale), q_rope, p.interleaved, q_tile.data());
       visible_intervals(p, b, i0, rows, intervals);
       std::fill(row_max_v.begin(), row_max_v.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
@@ -49,7 +60,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
       for (int64_t n0 = intervals.lo; n0 < intervals.hi; n0 += block_n) {
         const int64_t cols = std::min(block_n, intervals.hi - n0);
-        const auto [k_ptr, ldk] = gemm_rows(kv, k_in_place, b, kv_h, n0, cols, D, k_rope, p.interleaved,
+        const auto [k_ptr, ldk] = gemm_rows(kv, k_in_place, tb, kv_h, k_row0 + n0, cols, D, k_rope, p.interleaved,
                                             k_tile.data());
         gemm<acc_t>(false, true, rows, cols, D, acc_t(1), q_tile.data(), D, k_ptr, ldk, acc_t(0), scores.data(), cols);
 
@@ -75,7 +86,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           }
         }
 
-        const auto [v_ptr, ldv] = gemm_rows(vv, v_in_place, b, kv_h, n0, cols, D,
+        const auto [v_ptr, ldv] = gemm_rows(vv, v_in_place, tb, kv_h, k_row0 + n0, cols, D,
                                             static_cast<const RopeTables<acc_t>*>(nullptr), false, v_tile.data());
         gemm<acc_t>(false, false, rows, D, cols, acc_t(1), scores.data(), cols, v_ptr, ldv, acc_t(1), acc.data(), D);
       }
@@ -83,9 +94,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = row_sum[r] == acc_t(0);  // no visible key: out 0, lse -inf
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum[r];
-        scalar_t* o = ov.row(b, h, i0 + r);
+        scalar_t* o = ov.row(tb, h, row0 + r);
         for (int64_t d = 0; d < D; ++d) o[d * ov.stride_d] = static_cast<scalar_t>(acc[r * D + d] * inv);
-        lse_data[(b * p.heads_q + h) * p.seq_q + i0 + r] =
+        lse_data[(tb * p.heads_q + h) * p.seq_q + row0 + r] =
             empty ? -std::numeric_limits<acc_t>::infinity() : row_max_v[r] + std::log(row_sum[r]);
       }
     }
@@ -97,8 +108,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const AttentionParams& p) {
   auto out = at::empty_like(q);
-  // LSE in the accumulation type: fp32, or fp64 for fp64 inputs.
-  auto lse = at::empty({p.batch, p.heads_q, p.seq_q},
+  // LSE in the accumulation type: fp32, or fp64 for fp64 inputs; (1, Hq, total_q) when packed.
+  auto lse = at::empty({q.size(0), p.heads_q, p.seq_q},
                        q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_forward_cpu",
                                   [&] { forward_impl<scalar_t>(q, k, v, out, lse, p); });

@@ -11,6 +11,9 @@
 namespace fused_pos_attn::cpu {
 
 // q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D), any strides -> out like q, lse (B, Hq, Nq) fp32 (fp64 for fp64).
+// Packed (params.varlen()): q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D), lse (1, Hq, total_q); rows that no
+// sequence owns (only possible with cu_seqlens not covering the totals, or max_seqlen below a sequence's length)
+// are left unwritten, here and in the backward's dq / dk / dv.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const AttentionParams& params);
 

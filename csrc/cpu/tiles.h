@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -39,15 +40,17 @@ View4<T> view4(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// RoPE cos and sin of every rotation pair (attention factor folded in) for rows at positions
-// offset[b] + n, laid out (B, N, rotary_dim / 2): half the size of per-column tables.
+// RoPE cos and sin of every rotation pair (attention factor folded in) for the rows of a (B, H, N, D) tensor,
+// laid out (B, N, rotary_dim / 2): half the size of per-column tables. Row n of batch / sequence b's rows
+// (AttentionParams::q_rows / k_rows, which locate them in the tensor) sits at position offset[b] + n.
 template <typename acc_t>
 struct RopeTables {
   std::vector<acc_t> cos, sin;
-  int64_t seq = 0;
+  int64_t seq = 0;  // N of the tensor
   int rotary_dim = 0;
-  const acc_t* cos_row(int64_t b, int64_t n) const { return cos.data() + (b * seq + n) * (rotary_dim / 2); }
-  const acc_t* sin_row(int64_t b, int64_t n) const { return sin.data() + (b * seq + n) * (rotary_dim / 2); }
+  // The tables of row n (along N) of tensor batch tb.
+  const acc_t* cos_row(int64_t tb, int64_t n) const { return cos.data() + (tb * seq + n) * (rotary_dim / 2); }
+  const acc_t* sin_row(int64_t tb, int64_t n) const { return sin.data() + (tb * seq + n) * (rotary_dim / 2); }
 };
 
 // cos and sin of fp32 angles x[0, n), as torch computes them for fp32 tensors (SLEEF's 1-ULP vector
@@ -67,21 +70,28 @@ inline void cos_sin_fp32(const float* x, int64_t n, float* cos_out, float* sin_o
   }
 }
 
+// The tables of q's rows (keys false) or k's rows (keys true).
 template <typename acc_t>
-RopeTables<acc_t> make_rope_tables(const AttentionParams& p, const int64_t* offset, int64_t seq) {
+RopeTables<acc_t> make_rope_tables(const AttentionParams& p, bool keys) {
   RopeTables<acc_t> t;
-  t.seq = seq;
+  t.seq = keys ? p.seq_k : p.seq_q;
   t.rotary_dim = p.rotary_dim;
   const int pairs = p.rotary_dim / 2;
-  t.cos.resize(p.batch * seq * pairs);
-  t.sin.resize(p.batch * seq * pairs);
-  at::parallel_for(0, p.batch * seq, 64, [&](int64_t begin, int64_t end) {
+  const int64_t* offset = keys ? p.k_offset : p.q_offset;
+  const int64_t max_len = keys ? p.max_k_len() : p.max_q_len();  // rows per batch / sequence, at most
+  t.cos.resize(p.tensor_batches() * t.seq * pairs);
+  t.sin.resize(p.tensor_batches() * t.seq * pairs);
+  at::parallel_for(0, p.batch * max_len, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> angle(pairs), cos_f(pairs), sin_f(pairs);
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t pos = offset[idx / seq] + idx % seq;
+      const int64_t b = idx / max_len, n = idx % max_len;
+      const RowRange rows = keys ? p.k_rows(b) : p.q_rows(b);
+      if (n >= rows.len) continue;
+      const int64_t pos = offset[b] + n;
       for (int pair = 0; pair < pairs; ++pair) angle[pair] = rope_angle(pos, p.inv_freq[pair]);
-      acc_t* cos_row = t.cos.data() + idx * pairs;
-      acc_t* sin_row = t.sin.data() + idx * pairs;
+      const int64_t row = p.tensor_batch(b) * t.seq + rows.start + n;
+      acc_t* cos_row = t.cos.data() + row * pairs;
+      acc_t* sin_row = t.sin.data() + row * pairs;
       if constexpr (std::is_same_v<acc_t, float>) {
         cos_sin_fp32(angle.data(), pairs, cos_f.data(), sin_f.data());
         const float factor = static_cast<float>(p.attention_factor);
@@ -100,13 +110,18 @@ RopeTables<acc_t> make_rope_tables(const AttentionParams& p, const int64_t* offs
   return t;
 }
 
-// Builds the q and k tables of a call into q and k; returns true when k shares q's table (same offsets
-// and lengths, as in self-attention), in which case k is left empty.
+// Builds the q and k tables of a call into q and k; returns true when k shares q's table (every batch /
+// sequence has its keys on its query rows, at the same positions, as in self-attention), in which case k is
+// left empty.
 template <typename acc_t>
 bool make_qk_rope_tables(const AttentionParams& p, RopeTables<acc_t>& q, RopeTables<acc_t>& k) {
-  q = make_rope_tables<acc_t>(p, p.q_offset, p.seq_q);
-  const bool shared = p.seq_q == p.seq_k && std::equal(p.q_offset, p.q_offset + p.batch, p.k_offset);
-  if (!shared) k = make_rope_tables<acc_t>(p, p.k_offset, p.seq_k);
+  q = make_rope_tables<acc_t>(p, false);
+  bool shared = p.seq_q == p.seq_k;
+  for (int64_t b = 0; shared && b < p.batch; ++b) {
+    const RowRange q_rows = p.q_rows(b), k_rows = p.k_rows(b);
+    shared = p.q_offset[b] == p.k_offset[b] && q_rows.start == k_rows.start && q_rows.len == k_rows.len;
+  }
+  if (!shared) k = make_rope_tables<acc_t>(p, true);
   return shared;
 }
 
@@ -140,7 +155,8 @@ void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bo
 }
 
 // Copy rows [n0, n0 + rows) of head (b, h) into a contiguous acc_t tile (row stride D), times mult,
-// rotated at their positions when rope is given.
+// rotated at their positions when rope is given. Here and below b is the tensor's batch index and n0 a row
+// of the tensor (AttentionParams::tensor_batch, q_rows / k_rows locate a sequence's rows).
 template <typename scalar_t, typename acc_t>
 void pack_rows(const View4<const scalar_t>& src, int64_t b, int64_t h, int64_t n0, int64_t rows, int64_t head_dim,
                acc_t mult, const RopeTables<acc_t>* rope, bool interleaved, acc_t* dst) {
@@ -284,12 +300,14 @@ struct RowIntervals {
   int64_t lo = 0, hi = 0;  // union; lo == hi when no row sees any key
 };
 
+// Rows [i0, i0 + rows) of batch / sequence b (indices within its rows, like its keys').
 inline void visible_intervals(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows, RowIntervals& out) {
+  const int64_t seq_k = p.k_len(b);
   out.rows.resize(rows);
-  out.lo = p.seq_k;
+  out.lo = seq_k;
   out.hi = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const KeyInterval iv = visible_keys(p.q_offset[b] + i0 + r, p.k_offset[b], p.seq_k, p.causal, p.window);
+    const KeyInterval iv = visible_keys(p.q_offset[b] + i0 + r, p.k_offset[b], seq_k, p.causal, p.window);
     out.rows[r] = iv;
     if (iv.first < iv.last) {
       out.lo = std::min(out.lo, iv.first);
@@ -297,6 +315,23 @@ inline void visible_intervals(const AttentionParams& p, int64_t b, int64_t i0, i
     }
   }
   if (out.lo >= out.hi) out.lo = out.hi = 0;
+}
+
+// Runs body(next) once per worker of at::parallel_for (each with its own buffers); next() hands out task
+// indices [0, num_tasks) from a shared counter, in the order given by order (a permutation, or empty for
+// 0, 1, ...), and -1 when none is left. Workers take the next task when they finish one, so tasks of very
+// different costs (the sequences of a packed call) stay balanced over the threads, which at::parallel_for's
+// equal contiguous chunks would not.
+template <typename Body>
+void parallel_tasks(int64_t num_tasks, const std::vector<int64_t>& order, const Body& body) {
+  if (num_tasks <= 0) return;
+  std::atomic<int64_t> counter{0};
+  const auto next = [&]() -> int64_t {
+    const int64_t i = counter.fetch_add(1, std::memory_order_relaxed);
+    return i >= num_tasks ? -1 : (order.empty() ? i : order[i]);
+  };
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
 }
 
 }  // namespace fused_pos_attn::cpu

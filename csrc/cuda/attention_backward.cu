@@ -18,7 +18,7 @@ cudaError_t launch_backward(const AttentionParams& p, const BackwardArgs& args, 
                             const Tensor4& out, const Tensor4& dq, const BackwardWorkspace& ws, cudaStream_t stream) {
   using Cfg = BackwardConfig<kHeadDim>;
   using Layout = typename Cfg::template Layout<T>;
-  const int64_t rows = p.batch * p.heads_q * p.seq_q;
+  const int64_t rows = p.lse_rows();
   const bool table_grad = args.d_rel_bias != nullptr, table_atomics = table_grad && args.d_rel_partial == nullptr;
   cudaError_t err = cudaMemsetAsync(args.dq_accum, 0, sizeof(float) * rows * kHeadDim, stream);
   if (err == cudaSuccess && table_atomics) {
@@ -36,11 +36,12 @@ cudaError_t launch_backward(const AttentionParams& p, const BackwardArgs& args, 
                                                       Layout::max_bytes)) != cudaSuccess) {
     return err;
   }
-  const int key_blocks = static_cast<int>((p.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN);
-  const dim3 grid(static_cast<unsigned>(key_blocks), static_cast<unsigned>(p.heads_kv),
-                  static_cast<unsigned>(p.batch));
-  dkdv<<<grid, kThreads, smem, stream>>>(p, args);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  const dim3 grid = backward_dkdv_grid(p);
+  const int key_blocks = static_cast<int>(grid.x);
+  if (grid.x > 0 && grid.y > 0 && grid.z > 0) {  // else no keys (or no sequence): dq and the table gradient are 0
+    dkdv<<<grid, kThreads, smem, stream>>>(p, args);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
 
   attention_backward_dq_kernel<T><<<grid_stride_blocks(rows * kHeadDim), kThreads, 0, stream>>>(p, args.dq_accum, dq);
   if ((err = cudaGetLastError()) != cudaSuccess || args.d_rel_partial == nullptr) return err;

@@ -11,8 +11,8 @@ cudaError_t launch_forward(const AttentionParams& p, const ForwardArgs& args, cu
   using Cfg = ForwardConfig<kHeadDim>;
   constexpr int smem = Cfg::template smem_bytes<T>();
   static_assert(smem <= 48 * 1024, "forward tiles must fit the default shared-memory limit");
-  const dim3 grid(static_cast<unsigned>((p.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                  static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch));
+  const dim3 grid = forward_grid<kHeadDim>(p);
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;  // no rows (or no sequence)
   attention_forward_kernel<T, kHeadDim><<<grid, kThreads, smem, stream>>>(p, args);
   return cudaGetLastError();
 }

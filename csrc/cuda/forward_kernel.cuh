@@ -1,4 +1,5 @@
-// CUDA attention forward kernel (FlashAttention-2): one block of 4 warps per (64 query rows, query head, batch);
+// CUDA attention forward kernel (FlashAttention-2): one block of 4 warps per (64 query rows, query head, batch or
+// packed sequence; blocks past a sequence's rows exit at once);
 // each warp owns 16 rows and runs the online softmax over the key blocks its rows can see, with tensor-core
 // mma.sync for S = Q K^T and O += P V. Position math is applied where the data already is: RoPE rotates the
 // q / k tiles in shared memory as they are loaded, ALiBi / relative biases and the causal-window mask are
@@ -30,9 +31,18 @@ struct ForwardConfig {
 
 struct ForwardArgs {
   Tensor4 q, k, v, out;
-  float* lse;  // (B, Hq, Nq)
+  float* lse;  // (B, Hq, Nq); packed: (1, Hq, total_q)
   bool vec16;  // q, k, v all allow 16-byte cp.async
 };
+
+// The forward's grid: (query blocks of the longest sequence, Hq, batch or sequences); empty (a 0 extent) when
+// there is nothing to compute, which the launcher does not launch.
+template <int kHeadDim>
+dim3 forward_grid(const AttentionParams& p) {
+  constexpr int kBlockM = ForwardConfig<kHeadDim>::kBlockM;
+  return dim3(static_cast<unsigned>((p.max_q_len() + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.heads_q),
+              static_cast<unsigned>(p.batch));
+}
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
@@ -50,8 +60,13 @@ __global__ void __launch_bounds__(kThreads)
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
   const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  // Batch / sequence b's rows: q rows [q_rows.start, + seq_q) and k / v rows [k_rows.start, + seq_k) of tensor batch
+  // tb. Below, row and key indices are b's own (0-based); the head pointers include the starts.
+  const RowRange q_rows = p.q_rows(b), k_rows = p.k_rows(b);
+  const int seq_q = static_cast<int>(q_rows.len), seq_k = static_cast<int>(k_rows.len);
+  if (m0 >= seq_q) return;  // the grid covers the longest sequence
+  const int64_t tb = p.tensor_batch(b);
   const int kv_h = h / static_cast<int>(p.heads_q / p.heads_kv);
-  const int seq_q = static_cast<int>(p.seq_q), seq_k = static_cast<int>(p.seq_k);
   const int64_t q_off = p.q_offset[b], k_off = p.k_offset[b];
 
   // This lane's two rows (C fragment rows g and g + 8 of the warp's 16) and their visible key intervals.
@@ -71,16 +86,20 @@ __global__ void __launch_bounds__(kThreads)
   const int n_lo = static_cast<int>(visible_keys(q_off + m0, k_off, seq_k, p.causal, p.window).first);
   const int n_hi = static_cast<int>(visible_keys(q_off + last_row, k_off, seq_k, p.causal, p.window).last);
 
-  T* out = static_cast<T*>(args.out.data) + b * args.out.stride_b + h * args.out.stride_h;
-  float* lse = args.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seq_q;
+  T* out = static_cast<T*>(args.out.data) + tb * args.out.stride_b + h * args.out.stride_h +
+           q_rows.start * args.out.stride_n;
+  float* lse = args.lse + (tb * p.heads_q + h) * p.seq_q + q_rows.start;
 
   float o[kDTiles][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
   if (n_lo < n_hi) {
-    const T* q_head = static_cast<const T*>(args.q.data) + b * args.q.stride_b + h * args.q.stride_h;
-    const T* k_head = static_cast<const T*>(args.k.data) + b * args.k.stride_b + kv_h * args.k.stride_h;
-    const T* v_head = static_cast<const T*>(args.v.data) + b * args.v.stride_b + kv_h * args.v.stride_h;
+    const T* q_head = static_cast<const T*>(args.q.data) + tb * args.q.stride_b + h * args.q.stride_h +
+                      q_rows.start * args.q.stride_n;
+    const T* k_head = static_cast<const T*>(args.k.data) + tb * args.k.stride_b + kv_h * args.k.stride_h +
+                      k_rows.start * args.k.stride_n;
+    const T* v_head = static_cast<const T*>(args.v.data) + tb * args.v.stride_b + kv_h * args.v.stride_h +
+                      k_rows.start * args.v.stride_n;
     const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
     const bool relative = p.pos == PosKind::kRelative;
 

@@ -15,8 +15,10 @@ namespace fused_pos_attn::gpu {
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // A (B, H, N, D) tensor with unit stride along D; strides in elements, any values (a (B, N, H, D) tensor
-// viewed as (B, H, N, D) is read in place). Tiles are copied with 16-byte cp.async when the base pointer is
-// 16-byte aligned and every stride is a multiple of 8 elements, element by element otherwise.
+// viewed as (B, H, N, D) is read in place). Packed sequences (AttentionParams::varlen()): (1, H, total, D), a
+// view of a (total, H, D) tensor, each sequence's rows located by AttentionParams::q_rows / k_rows. Tiles are
+// copied with 16-byte cp.async when the base pointer is 16-byte aligned and every stride is a multiple of 8
+// elements, element by element otherwise.
 struct Tensor4 {
   void* data = nullptr;
   int64_t stride_b = 0, stride_h = 0, stride_n = 0;
@@ -25,7 +27,8 @@ struct Tensor4 {
 constexpr bool supported_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 // out (B, Hq, Nq, D) in q's dtype (stride_n and stride_h even, as torch allocates it), lse (B, Hq, Nq) fp32
-// contiguous: natural-log LSE of each row's scores, -inf (and out 0) for a row with no visible key.
+// contiguous ((1, Hq, total_q) packed): natural-log LSE of each row's scores, -inf (and out 0) for a row with no
+// visible key. Packed: rows outside every sequence (or past max_seqlen_q) are not written.
 cudaError_t attention_forward(const AttentionParams& p, DType dtype, const Tensor4& q, const Tensor4& k,
                               const Tensor4& v, const Tensor4& out, float* lse, cudaStream_t stream);
 
@@ -41,16 +44,17 @@ inline bool rel_table_in_shared_memory(const AttentionParams& p) {
 }
 
 // Size of BackwardWorkspace::d_rel_partial: (B, key blocks, Hq, 2 * (max_distance + 1)) fp32 when the table needs
-// a gradient (table_grad) and its rows fit shared memory, else 0.
+// a gradient (table_grad) and its rows fit shared memory, else 0. Packed: B is the number of sequences and the key
+// blocks those of the longest one (max_seqlen_k).
 inline int64_t rel_partial_floats(const AttentionParams& p, bool table_grad) {
   if (!table_grad || !rel_table_in_shared_memory(p)) return 0;
-  return p.batch * ((p.seq_k + kBackwardBlockN - 1) / kBackwardBlockN) * p.heads_q * p.rel_bias_stride_h();
+  return p.batch * ((p.max_k_len() + kBackwardBlockN - 1) / kBackwardBlockN) * p.heads_q * p.rel_bias_stride_h();
 }
 
 // Scratch of the backward, device memory the caller allocates; the launcher initializes it.
 struct BackwardWorkspace {
-  float* dq_accum = nullptr;  // (B, Hq, Nq, D) fp32: dQ of the rotated q, summed by atomics over key blocks
-  float* delta = nullptr;     // (B, Hq, Nq) fp32: rowsum(dO * O) - dLSE
+  float* dq_accum = nullptr;  // like q, (B, Hq, Nq, D) fp32: dQ of the rotated q, summed by atomics over key blocks
+  float* delta = nullptr;     // like lse, (B, Hq, Nq) fp32: rowsum(dO * O) - dLSE
   float* d_rel_partial = nullptr;  // rel_partial_floats(p, d_rel_bias != null) fp32, or null when that is 0
 };
 
@@ -59,7 +63,7 @@ struct BackwardWorkspace {
 // cast). dk / dv like k / v, dq like q (even stride_n / stride_h). grad_lse: the gradient of lse, (B, Hq, Nq)
 // fp32 contiguous, or null (zero). d_rel_bias: (Hq, 2, max_distance + 1) fp32, written here when p.pos is
 // relative (from per-block partial rows in ws.d_rel_partial, or with atomics for large tables); null skips the
-// table gradient. lse as forward.
+// table gradient. lse as forward. Packed: dq is 0 on rows outside every sequence, dk / dv are not written there.
 cudaError_t attention_backward(const AttentionParams& p, DType dtype, const Tensor4& grad_out, const float* grad_lse,
                                const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor4& out,
                                const float* lse,

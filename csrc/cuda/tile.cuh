@@ -81,10 +81,13 @@ inline bool allows_cp_async(const Tensor4& t) {
          t.stride_n % 8 == 0;
 }
 
-// Host side: grids put query (or key / value) heads on y and the batch on z; row indices are int32.
+// Host side: grids put query (or key / value) heads on y and the batch (packed: the sequences) on z; row indices
+// are int32.
 inline void check_grid(const AttentionParams& p) {
   if (p.heads_q > 65535 || p.batch > 65535) {
-    throw std::invalid_argument("fused_pos_attn CUDA kernels: batch and query heads must be <= 65535 each, got B=" +
+    throw std::invalid_argument(std::string("fused_pos_attn CUDA kernels: ") +
+                                (p.varlen() ? "sequences" : "batch") +
+                                " and query heads must be <= 65535 each, got " + (p.varlen() ? "S=" : "B=") +
                                 std::to_string(p.batch) + ", Hq=" + std::to_string(p.heads_q));
   }
   constexpr int64_t kMaxSeq = (int64_t{1} << 31) - 256;

@@ -1,5 +1,9 @@
 """Native CPU backend: the C++ kernels of csrc/cpu (tiled FlashAttention-2 forward and backward), called
-through torch.ops.fused_pos_attn (native.py, which loads the extension after checking the CPU's features)."""
+through torch.ops.fused_pos_attn (native.py, which loads the extension after checking the CPU's features).
+
+Dense and packed (varlen) specs alike: a packed call passes q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D) and
+the spec's cu_seqlens; its work is split into (sequence, head, query block) tasks handed to the threads one at a
+time, so sequences of different lengths keep the threads balanced."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +16,7 @@ from . import native
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32 (fp64 for fp64 inputs)."""
+    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32 (fp64 for fp64 inputs); packed: lse (1, Hq, total_q)."""
     return native.forward(q, k, v, spec)
 
 

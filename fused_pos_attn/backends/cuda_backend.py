@@ -8,6 +8,11 @@ before any kernel runs).
 The kernels read q, k, v (and grad_out, out in the backward) with any B / H / N strides, e.g. a (B, N, H, D)
 tensor viewed with transpose(1, 2), but need unit stride along the head dim: a tensor whose last stride is
 not 1 is copied with .contiguous() first (only then).
+
+Packed (varlen) specs: q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D) with the spec's cu_seqlens; grids span
+the longest sequence (max_seqlen_q / max_seqlen_k) and blocks past a sequence's rows exit. cu_seqlens are not
+checked on the device (that would synchronize): the kernels clamp every sequence's rows into the tensors and to at
+most max_seqlen rows, so no cu_seqlens reads or writes outside them. dq is 0 on rows no sequence owns.
 """
 from __future__ import annotations
 

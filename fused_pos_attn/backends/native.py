@@ -87,13 +87,21 @@ def scheme_codes() -> dict[str, int]:
 
 def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
     """The ops' per-call position / masking arguments, by name (FPA_CALL_ARGS in attention_params.h).
-    Tensors a scheme does not use are small placeholders of the expected dtype on q's device."""
+    Tensors a scheme does not use are small placeholders of the expected dtype on q's device. A packed
+    (varlen) spec passes its cu_seqlens and max_seqlen (q, k, v then are (1, H, total, D) and the call's batch
+    is the S sequences); a dense one empty (0,) int64 cu_seqlens and max_seqlen 0."""
     p = spec.position
-    batch, heads = q.shape[0], q.shape[1]
+    batch, heads = spec.num_sequences, q.shape[1]
     slopes = p.slopes if p.slopes is not None else torch.zeros(1, 1, device=q.device).expand(batch, heads)
     inv_freq = p.inv_freq if p.inv_freq is not None else torch.zeros(0, device=q.device)
     rel_bias = p.rel_bias.detach() if p.rel_bias is not None else torch.zeros(0, 2, 1, device=q.device)
-    return dict(q_offset=spec.q_offset, k_offset=spec.k_offset, pos=SCHEME_CODES[p.kind], slopes=slopes,
+    if spec.varlen:
+        cu_seqlens_q, cu_seqlens_k = spec.cu_seqlens_q, spec.cu_seqlens_k
+    else:
+        cu_seqlens_q = cu_seqlens_k = torch.empty(0, dtype=torch.int64, device=q.device)
+    return dict(q_offset=spec.q_offset, k_offset=spec.k_offset, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=spec.max_seqlen_q if spec.varlen else 0,
+                max_seqlen_k=spec.max_seqlen_k if spec.varlen else 0, pos=SCHEME_CODES[p.kind], slopes=slopes,
                 inv_freq=inv_freq, rotary_dim=p.rotary_dim, interleaved=p.interleaved,
                 attention_factor=p.attention_factor, rel_bias=rel_bias, max_distance=p.max_distance,
                 causal=spec.causal, window=spec.window or 0, scale=spec.scale)
@@ -101,7 +109,8 @@ def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32 (fp64 for fp64 inputs)."""
+    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32 (fp64 for fp64 inputs); packed (spec.varlen): q
+    (1, Hq, total_q, D), k / v (1, Hkv, total_k, D), lse (1, Hq, total_q)."""
     return OPS.attention_forward(q, k, v, **op_args(spec, q))
 
 
@@ -110,7 +119,7 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
              rel_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """dq, dk, dv (like q, k, v) for grad_out (B, Hq, Nq, D) and grad_lse (B, Hq, Nq) like lse or None (zero),
     and d_rel_table (Hq, num_buckets) fp32 when the scheme is relative and rel_grad, else None (the kernels
-    then skip the table-gradient work)."""
+    then skip the table-gradient work). Packed specs: the layouts of forward."""
     rel_grad = rel_grad and spec.position.kind == "relative"
     dq, dk, dv, d_rel_bias = OPS.attention_backward(grad_out, grad_lse, q, k, v, out, lse, rel_grad,
                                                     **op_args(spec, q))

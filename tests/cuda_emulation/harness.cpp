@@ -43,14 +43,16 @@ void run_grid(emu::Dim grid, const std::function<void()>& kernel) {
       }
 }
 
-// One op argument as ctypes passes it (test_cuda_emulated.EmuArg): a tensor (data pointer and up to 4 strides),
-// an int or bool, or a float.
+// One op argument as ctypes passes it (test_cuda_emulated.EmuArg): a tensor (data pointer, up to 4 strides and
+// sizes), an int or bool, or a float.
 struct HostTensor {
   void* data;
   int64_t strides[4];
+  int64_t sizes[4];
   template <typename T>
   T* data_ptr() const { return static_cast<T*>(data); }
   int64_t stride(int dim) const { return strides[dim]; }
+  int64_t size(int dim) const { return sizes[dim]; }
 };
 struct EmuArg {
   HostTensor tensor;
@@ -73,8 +75,8 @@ void unpack(const EmuArg& a, int64_t& i) { i = a.integer; }
 void unpack(const EmuArg& a, bool& b) { b = a.integer != 0; }
 void unpack(const EmuArg& a, double& x) { x = a.real; }
 
-// AttentionParams from the shapes (B, Hq, Hkv, Nq, Nk, D) and the op arguments in FPA_CALL_ARGS order, filled as
-// ops.cpp fills them (fill_call_args).
+// AttentionParams from the tensors' shapes (B, Hq, Hkv, Nq, Nk, D) and the op arguments in FPA_CALL_ARGS order,
+// filled as ops.cpp fills them (fill_call_args, which also sets the packed layout and its batch S).
 AttentionParams make_params(const int64_t* shape, const EmuArg* call_args) {
   EmuCallArgs args;
   int index = 0;
@@ -114,10 +116,8 @@ extern "C" void emu_forward(int dtype, const int64_t* shape, const EmuArg* call_
   dispatch(dtype, p.head_dim, [&](auto* t, auto head_dim) {
     using T = std::remove_pointer_t<decltype(t)>;
     constexpr int kHeadDim = decltype(head_dim)::value;
-    using Cfg = ForwardConfig<kHeadDim>;
-    const emu::Dim grid{static_cast<unsigned>((p.seq_q + Cfg::kBlockM - 1) / Cfg::kBlockM),
-                        static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch)};
-    run_grid(grid, [&] { attention_forward_kernel<T, kHeadDim>(p, args); });
+    const dim3 grid = forward_grid<kHeadDim>(p);  // the launcher's; an empty grid runs no block
+    run_grid({grid.x, grid.y, grid.z}, [&] { attention_forward_kernel<T, kHeadDim>(p, args); });
   });
 }
 
@@ -142,16 +142,15 @@ extern "C" void emu_backward(int dtype, const int64_t* shape, const EmuArg* call
     using T = std::remove_pointer_t<decltype(t)>;
     constexpr int kHeadDim = decltype(head_dim)::value;
     using Cfg = BackwardConfig<kHeadDim>;
-    memset(dq_accum, 0, sizeof(float) * p.batch * p.heads_q * p.seq_q * kHeadDim);
+    memset(dq_accum, 0, sizeof(float) * p.lse_rows() * kHeadDim);
     static_assert(Cfg::template Layout<T>::max_bytes <= sizeof(smem), "the emulated shared memory is too small");
     if (args.d_rel_bias && !args.d_rel_partial) {
       memset(args.d_rel_bias, 0, sizeof(float) * p.heads_q * p.rel_bias_stride_h());
     }
     run_grid({3, 1, 1},
              [&] { attention_backward_preprocess_kernel<T>(p, args.grad_out, out4, lse, grad_lse, delta); });
-    const emu::Dim grid{static_cast<unsigned>((p.seq_k + Cfg::kBlockN - 1) / Cfg::kBlockN),
-                        static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch)};
-    run_grid(grid, [&] { attention_backward_dkdv_kernel<T, kHeadDim>(p, args); });
+    const dim3 grid = backward_dkdv_grid(p);
+    run_grid({grid.x, grid.y, grid.z}, [&] { attention_backward_dkdv_kernel<T, kHeadDim>(p, args); });
     run_grid({5, 1, 1}, [&] { attention_backward_dq_kernel<T>(p, dq_accum, dq4); });
     if (args.d_rel_partial) {
       run_grid({2, 1, 1}, [&] {

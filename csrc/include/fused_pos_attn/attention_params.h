@@ -13,6 +13,12 @@ namespace fused_pos_attn {
 // AttentionParams fields below and their filling (fill_call_args); Python builds them by name, in one place
 // (fused_pos_attn/backends/native.py, op_args). A new per-call scalar is one line here.
 //   q_offset, k_offset (B,) int64: query row i of batch b sits at q_offset[b] + i, key j at k_offset[b] + j.
+//   cu_seqlens_q, cu_seqlens_k: the packed (varlen) layout, (S + 1,) int64 each: q (1, Hq, total_q, D) and
+//     k / v (1, Hkv, total_k, D) hold S sequences, sequence s the query rows cu_seqlens_q[s]:cu_seqlens_q[s + 1]
+//     and the key rows cu_seqlens_k[s]:cu_seqlens_k[s + 1]; the call's batch B is then S (offsets, slopes and
+//     the grids are per sequence). Empty (0,) tensors for a dense call: AttentionParams::varlen().
+//   max_seqlen_q, max_seqlen_k: packed only (0 for dense): the longest sequence, which sizes grids and
+//     workspaces; a kernel processes at most that many rows of a sequence.
 //   pos: a PosKind code.
 //   slopes (B, Hq) fp32, any strides: ALiBi slope of (b, h).
 //   inv_freq (rotary_dim / 2,) fp32, rotary_dim, interleaved, attention_factor: RoPE (rotate-half or
@@ -23,6 +29,10 @@ namespace fused_pos_attn {
 #define FPA_CALL_ARGS(X)                        \
   X(Tensor, q_offset, const int64_t*)           \
   X(Tensor, k_offset, const int64_t*)           \
+  X(Tensor, cu_seqlens_q, const int64_t*)       \
+  X(Tensor, cu_seqlens_k, const int64_t*)       \
+  X(int, max_seqlen_q, int64_t)                 \
+  X(int, max_seqlen_k, int64_t)                 \
   X(int, pos, PosKind)                          \
   X(Tensor, slopes, const float*)               \
   X(Tensor, inv_freq, const float*)             \
@@ -35,17 +45,71 @@ namespace fused_pos_attn {
   X(int, window, int64_t)                       \
   X(float, scale, double)
 
+// A sequence's rows in the tensors: [start, start + len) along N.
+struct RowRange {
+  int64_t start, len;
+};
+
 struct AttentionParams {
-  // Shapes: q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D).
+  // Shapes: q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); packed (varlen()): q (1, Hq, total_q, D), k / v
+  // (1, Hkv, total_k, D), seq_q / seq_k the totals, and batch the number of sequences S.
   int64_t batch = 0, heads_q = 0, heads_kv = 0, seq_q = 0, seq_k = 0, head_dim = 0;
 #define FPA_PARAMS_FIELD(schema_type, name, field_type) field_type name{};
   FPA_CALL_ARGS(FPA_PARAMS_FIELD)
 #undef FPA_PARAMS_FIELD
   int64_t slope_stride_b = 0, slope_stride_h = 0;  // element strides of slopes
+  bool packed = false;                             // cu_seqlens_q has S + 1 entries (fill_call_args)
 
   int64_t group() const { return heads_q / heads_kv; }
   float slope(int64_t b, int64_t h) const { return slopes[b * slope_stride_b + h * slope_stride_h]; }
   int64_t rel_bias_stride_h() const { return 2 * (max_distance + 1); }
+
+  // Addressing of batch / sequence b, one path for both layouts (the dense call is the special case: every
+  // batch owns all Nq / Nk rows of its own tensor batch). Packed ranges are clamped so that no cu_seqlens can
+  // address rows outside the tensors: start into [0, total], end into [start, total], and at most max_seqlen
+  // rows.
+  FPA_HOST_DEVICE bool varlen() const { return packed; }
+  // The tensors' batch index of b (0 when packed) and the tensors' batch size.
+  FPA_HOST_DEVICE int64_t tensor_batch(int64_t b) const { return packed ? 0 : b; }
+  FPA_HOST_DEVICE int64_t tensor_batches() const { return packed ? 1 : batch; }
+  FPA_HOST_DEVICE RowRange q_rows(int64_t b) const { return rows_of(cu_seqlens_q, b, seq_q, max_seqlen_q); }
+  FPA_HOST_DEVICE RowRange k_rows(int64_t b) const { return rows_of(cu_seqlens_k, b, seq_k, max_seqlen_k); }
+  FPA_HOST_DEVICE int64_t q_start(int64_t b) const { return q_rows(b).start; }
+  FPA_HOST_DEVICE int64_t q_len(int64_t b) const { return q_rows(b).len; }
+  FPA_HOST_DEVICE int64_t k_start(int64_t b) const { return k_rows(b).start; }
+  FPA_HOST_DEVICE int64_t k_len(int64_t b) const { return k_rows(b).len; }
+  // Upper bounds of q_len(b) / k_len(b) over b: what grids and per-sequence buffers are sized for.
+  FPA_HOST_DEVICE int64_t max_q_len() const { return packed ? bounded(max_seqlen_q, seq_q) : seq_q; }
+  FPA_HOST_DEVICE int64_t max_k_len() const { return packed ? bounded(max_seqlen_k, seq_k) : seq_k; }
+  // Rows of the (B, Hq, Nq) LSE (and of every per-query-row workspace): tensor batches x Hq x Nq.
+  FPA_HOST_DEVICE int64_t lse_rows() const { return tensor_batches() * heads_q * seq_q; }
+  // The batch / sequence whose rows (q_rows) hold query row `row` (along N) of tensor batch tb, or -1 when
+  // none does: tb when dense; packed, a binary search over cu_seqlens_q for the last sequence starting at or
+  // before row (exact for valid cu_seqlens; never out of bounds for any).
+  FPA_HOST_DEVICE int64_t q_sequence_of(int64_t tb, int64_t row) const {
+    if (!packed) return tb;
+    if (batch <= 0) return -1;
+    int64_t lo = 0, hi = batch;  // the last b in [lo, hi) with q_start(b) <= row
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (q_start(mid) <= row) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    const RowRange r = q_rows(lo);
+    return row >= r.start && row < r.start + r.len ? lo : -1;
+  }
+
+ private:
+  FPA_HOST_DEVICE static int64_t bounded(int64_t x, int64_t hi) { return x < 0 ? 0 : (x < hi ? x : hi); }
+  FPA_HOST_DEVICE RowRange rows_of(const int64_t* cu_seqlens, int64_t b, int64_t total, int64_t max_len) const {
+    if (!packed) return {0, total};
+    const int64_t start = bounded(cu_seqlens[b], total);
+    const int64_t end = cu_seqlens[b + 1] < start ? start : bounded(cu_seqlens[b + 1], total);
+    return {start, bounded(max_len, end - start)};
+  }
 };
 
 namespace detail {
@@ -61,8 +125,9 @@ void assign_call_arg(Field& field, const Value& value) {
 }
 }  // namespace detail
 
-// Fills p's FPA_CALL_ARGS fields (and the slope strides) from args, an object with one member per entry
-// named like it (tensors as data_ptr<T>() / stride(i) providers). Shapes are the caller's.
+// Fills p's FPA_CALL_ARGS fields (and the slope strides, the layout) from args, an object with one member per
+// entry named like it (tensors as data_ptr<T>() / stride(i) / size(i) providers). Shapes are the caller's.
+// A packed call (cu_seqlens_q with S + 1 >= 1 entries) also sets batch to S: call it after the shapes.
 template <typename CallArgs>
 void fill_call_args(AttentionParams& p, const CallArgs& args) {
 #define FPA_ASSIGN_CALL_ARG(schema_type, name, field_type) detail::assign_call_arg(p.name, args.name);
@@ -70,6 +135,8 @@ void fill_call_args(AttentionParams& p, const CallArgs& args) {
 #undef FPA_ASSIGN_CALL_ARG
   p.slope_stride_b = args.slopes.stride(0);
   p.slope_stride_h = args.slopes.stride(1);
+  p.packed = args.cu_seqlens_q.size(0) > 0;
+  if (p.packed) p.batch = args.cu_seqlens_q.size(0) - 1;
 }
 
 }  // namespace fused_pos_attn
