@@ -28,18 +28,24 @@ def _configs(shapes):
 
 def forward_configs(block_d: int, pos: str) -> list:
     """Forward: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
-    if block_d <= 64 and pos == "relative":  # M64 N64 on 4 warps spills on sm_90
-        shapes = [(128, 64, 8, 3), (64, 32, 4, 4)]
+    if block_d <= 64 and pos == "relative":  # M64 N64 w4 spills (sm_90), M128 N64 too (bf16 window)
+        shapes = [(128, 32, 8, 3), (64, 32, 4, 4)]
+    elif block_d <= 64 and pos == "rope":  # 3 and 4 stages spill (bf16), as do M64 N32 and M128 N32
+        shapes = [(128, 64, 8, 2)]
     elif block_d <= 64:
         shapes = [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
     elif block_d <= 128 and pos == "rope":  # M64 N64 spills under Triton 3.6 (full rotary, sm_80)
         shapes = [(128, 32, 8, 3), (128, 16, 8, 3)]
+    elif block_d <= 128 and pos == "relative":  # M128 N32 and M64 N64 spill (bf16 window, sm_90)
+        shapes = [(64, 32, 8, 3)]
     elif block_d <= 128:
         shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
     elif pos == "rope" and LEGACY_TRITON:  # M32 spills under 3.6 (full rotary), M16 under 3.9 (half rotary)
         shapes = [(16, 32, 8, 2), (16, 32, 8, 3)]
     elif pos == "rope":
         shapes = [(32, 16, 8, 2), (32, 16, 8, 3)]
+    elif pos == "relative":  # M64 N32 spills (bf16 window, sm_90)
+        shapes = [(64, 16, 8, 2)]
     else:
         shapes = [(64, 32, 8, 2), (64, 16, 8, 2)]
     return _configs(shapes)
@@ -49,18 +55,20 @@ def backward_dkdv_configs(block_d: int, pos: str) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
     if block_d <= 64 and pos == "rope":  # 3 stages spill (rotary D/4, sm_80), so does every N32 shape tried
         shapes = [(64, 16, 8, 2)]
-    elif block_d <= 64 and pos == "relative":  # the bucket-gradient gather spills M64 (Triton 3.6)
-        shapes = [(32, 32, 8, 3), (32, 16, 8, 3)]
+    elif block_d <= 64 and pos == "relative":  # the bucket-gradient gather spills M64, and M32 N32 at 3 stages
+        shapes = [(32, 32, 8, 2), (32, 16, 8, 3)]
     elif block_d <= 64:
         shapes = [(64, 16, 8, 3), (64, 32, 8, 3)]
     elif block_d <= 128 and pos == "rope":  # M32 N32 spills (interleaved D/4), M16 N32 too (full rotary, sm_90)
         shapes = [(32, 16, 8, 2)]
-    elif block_d <= 128:
-        shapes = [(32, 32, 8, 2), (16, 32, 8, 2)]
+    elif block_d <= 128 and pos == "relative":  # M32 N32 at 2 stages spills (128 buckets, bf16 window)
+        shapes = [(32, 16, 8, 2), (32, 32, 8, 1)]
+    elif block_d <= 128:  # M16 N32 spills (bf16 non-causal, Triton 3.6)
+        shapes = [(32, 32, 8, 2), (32, 16, 8, 2)]
     elif pos == "rope":  # 2 stages spill (interleaved D/4)
         shapes = [(16, 32, 8, 1)]
-    elif pos == "relative":  # M32 N32 spills with 128 buckets (Triton 3.6, sm_80)
-        shapes = [(32, 16, 8, 1), (16, 32, 8, 1)]
+    elif pos == "relative":  # M32 spills (128 buckets; no table gradient, non-causal)
+        shapes = [(16, 32, 8, 1)]
     else:
         shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
@@ -68,10 +76,12 @@ def backward_dkdv_configs(block_d: int, pos: str) -> list:
 
 def backward_dq_configs(block_d: int, pos: str) -> list:
     """dQ: a program owns BLOCK_M query rows and streams BLOCK_N keys per step."""
-    if block_d <= 64 and pos == "rope":  # N64 spills (interleaved D/4, sm_80)
+    if block_d <= 32 and pos == "rope":  # every 8-warp shape tried spills at HEAD_DIM 32 (bf16)
+        shapes = [(64, 32, 4, 3)]
+    elif block_d <= 64 and pos == "rope":  # N64 spills (interleaved D/4, sm_80)
         shapes = [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)]
-    elif block_d <= 64 and pos == "relative":  # M64 N64 on 8 warps spills (sm_80)
-        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+    elif block_d <= 64 and pos == "relative":  # N64 spills (sm_80; bf16 window)
+        shapes = [(128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3)]
     elif block_d <= 64:
         shapes = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
     elif block_d <= 128 and pos == "rope":  # M64 N32 spills under 3.6 (full and half rotary, sm_80)
