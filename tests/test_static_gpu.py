@@ -26,8 +26,8 @@ A spill is any nonzero spill store or load; the register ceiling is 255 per thre
 registers must fit the 64K register file).
 
 Coverage. A variant is a scheme with its register-relevant switches: dtype, causal, sliding window, RoPE
-rotary fraction and pair layout, relative-table gradient. Variant fields a kernel has no constexpr for
-collapse (the preprocess kernel only sees dtype and head dim), so no compile is repeated. One cold compile
+rotary fraction and pair layout, relative-table gradient, packed (varlen) layout. Variant fields a kernel has
+no constexpr for collapse (the preprocess kernel only sees dtype and head dim), so no compile is repeated. One cold compile
 takes 1-6 s on the 2-core dev machine (RoPE the slowest; a config that spills can take minutes in ptxas).
 - default (`make static-check`): every config of every kernel x HEAD_DIM = BLOCK_D in 64/128/256 x both
   archs, for
@@ -36,9 +36,11 @@ takes 1-6 s on the 2-core dev machine (RoPE the slowest; a config that spills ca
   * DEFAULT_EXTRA_VARIANTS, bf16, each turning on what the base leaves off: relative non-causal (a T5
     encoder: bucket gather over both sides), and rope with rotary D/4 interleaved under a sliding window
     (GPT-J / NeoX-style partial rotary: the pass tile is padded from 3D/4 up to D, the widest q/k tiles
-    any scheme has; contiguous pair loads; the window's masks and loop bounds).
-  Non-causal / window / bf16 only add masks, bounds and conversions, so they are crossed with the two
-  schemes whose tiles are largest rather than with all five.
+    any scheme has; contiguous pair loads; the window's masks and loop bounds); then, fp16 causal, the packed
+    (varlen) layout of rope with rotary D/2 and of relative with the table gradient and dLSE: per-sequence
+    starts and lengths read from cu_seqlens, clamped, and an early exit, in every kernel.
+  Non-causal / window / bf16 / varlen only add masks, bounds, conversions and addressing, so they are crossed
+  with the schemes whose tiles are largest rather than with all five.
 - STATIC_CHECK_FULL=1 (`make static-check-full`): HEAD_DIM 32/64/80/128/256 (80 is padded to BLOCK_D
   128) x the base schemes plus rope D/4, each in FULL_PROFILES: fp16 causal (rotate-half), bf16
   non-causal (interleaved, relative without the table gradient), bf16 causal with a window (rotate-half). Run it after changing a kernel or a config list: HEAD_DIM 80 with full rotary once spilled in a
@@ -102,10 +104,11 @@ POINTER_TYPES = {
     "RelBias": "fp32",                   # (Hq, 2, max_distance + 1) relative bias by distance
     "RelBuckets": "i32",                 # (2, max_distance + 1) T5 bucket of each RelBias entry
     "DRelTable": "fp32",                 # (key blocks, B, Hq, num_buckets) per-program bucket-gradient partials
+    "CuSeqlensQ": "i64", "CuSeqlensK": "i64",  # (S + 1,) packed layout's sequence starts (VARLEN)
 }
 SCALAR_TYPES = {
     **{name: "i32" for name in ("num_heads", "num_kv_groups", "seq_len_q", "seq_len_k", "window", "max_distance",
-                                "num_buckets", "len_bucket_q", "len_bucket_k")},
+                                "num_buckets", "len_bucket_q", "len_bucket_k", "max_seqlen_q", "max_seqlen_k")},
     "sm_scale": "fp32", "attention_factor": "fp32",
 }
 # Stride name -> how a launch on contiguous tensors specialises it: "unit" (== 1: constexpr), "aligned"
@@ -121,9 +124,10 @@ STRIDE_KINDS = {
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One launch flavour. rotary: rotary_dim / HEAD_DIM (rope only); rel_grad: the relative table needs a
-    gradient, of `buckets` buckets (relative only; T5's default is 32, the launcher takes up to
-    launch.MAX_GRAD_BUCKETS); dlse: a gradient flows into the returned LSE. Fields that do not apply to the
-    scheme are normalised away by for_scheme."""
+    gradient (relative only), compiled for the largest table the launcher takes (launch.MAX_GRAD_BUCKETS
+    buckets: the only thing the bucket count changes is the size of that register accumulator); dlse: a
+    gradient flows into the returned LSE; varlen: the packed layout (VARLEN: rows found through cu_seqlens).
+    Fields that do not apply to the scheme are normalised away by for_scheme."""
     scheme: str
     dtype: str = "fp16"
     causal: bool = True
@@ -131,24 +135,26 @@ class Variant:
     rotary: float = 1.0
     interleaved: bool = False
     rel_grad: bool = True
-    buckets: int = 32
     dlse: bool = False
+    varlen: bool = False
 
     def for_scheme(self) -> "Variant":
         rope, relative = self.scheme == "rope", self.scheme == "relative"
         return dataclasses.replace(self, rotary=self.rotary if rope else 1.0, interleaved=self.interleaved and rope,
-                                   rel_grad=self.rel_grad and relative, buckets=self.buckets if relative else 32)
+                                   rel_grad=self.rel_grad and relative)
 
 
 BASE_VARIANTS = (Variant("none"), Variant("alibi"), Variant("rope"), Variant("rope", rotary=0.5), Variant("relative"))
 DEFAULT_EXTRA_VARIANTS = (
-    Variant("relative", dtype="bf16", causal=False, buckets=128, dlse=True),
+    Variant("relative", dtype="bf16", causal=False, dlse=True),
     Variant("rope", dtype="bf16", window=True, rotary=0.25, interleaved=True, dlse=True),
+    Variant("rope", rotary=0.5, varlen=True),
+    Variant("relative", varlen=True, dlse=True),
 )
 DEFAULT_HEAD_DIMS = (64, 128, 256)
 FULL_SCHEMES = BASE_VARIANTS + (Variant("rope", rotary=0.25),)
 FULL_PROFILES = (dict(), dict(dtype="bf16", causal=False, interleaved=True, rel_grad=False, dlse=True),
-                 dict(dtype="bf16", window=True, buckets=128))
+                 dict(dtype="bf16", window=True))
 FULL_HEAD_DIMS = (32, 64, 80, 128, 256)
 
 
@@ -191,23 +197,30 @@ def _constexpr_values(kernel: str, head_dim: int, variant: Variant) -> dict:
     import torch
     from fused_pos_attn.triton_kernels.launch import KernelCall, KernelPosition, kernel_arguments
     batch, heads, kv_heads, seq = 2, 4, 2, 256
+    from fused_pos_attn.triton_kernels.launch import MAX_GRAD_BUCKETS
     rotary_dim = int(head_dim * variant.rotary) if variant.scheme == "rope" else 0
+    buckets = MAX_GRAD_BUCKETS if variant.scheme == "relative" else 0
     position = KernelPosition(kind=variant.scheme, slopes=None, inv_freq=None, rotary_dim=rotary_dim,
                               interleaved=variant.interleaved, attention_factor=1.0, max_distance=128,
-                              num_buckets=variant.buckets if variant.scheme == "relative" else 0)
+                              num_buckets=buckets)
     offsets = torch.zeros(batch, dtype=torch.int64, device="meta")
+    packed = {}
+    if variant.varlen:  # the batch's sequences packed along N: (1, H, batch * seq, D) and (batch + 1,) cu_seqlens
+        cu_seqlens = torch.empty(batch + 1, dtype=torch.int64, device="meta")
+        packed = dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=seq, max_seqlen_k=seq)
     call = KernelCall(q_offset=offsets, k_offset=offsets, position=position, scale=head_dim ** -0.5,
-                      causal=variant.causal, window=64 if variant.window else None)
+                      causal=variant.causal, window=64 if variant.window else None, **packed)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[variant.dtype]
-    rows = torch.empty(batch, heads, seq, head_dim, dtype=dtype, device="meta")
-    kv_rows = torch.empty(batch, kv_heads, seq, head_dim, dtype=dtype, device="meta")
-    stats = torch.empty(batch, heads, seq, dtype=torch.float32, device="meta")
+    layout = (1, batch * seq) if variant.varlen else (batch, seq)  # (tensor batch, N)
+    rows = torch.empty(layout[0], heads, layout[1], head_dim, dtype=dtype, device="meta")
+    kv_rows = torch.empty(layout[0], kv_heads, layout[1], head_dim, dtype=dtype, device="meta")
+    stats = torch.empty(layout[0], heads, layout[1], dtype=torch.float32, device="meta")
     tensors = dict(Q=rows, K=kv_rows, V=kv_rows, Out=rows, DOut=rows, DQ=rows, DK=kv_rows, DV=kv_rows, Lse=stats,
                    Delta=stats)
     if variant.dlse:
         tensors["DLse"] = stats
     if variant.rel_grad:
-        tensors["DRelTable"] = torch.empty(seq // 16, batch, heads, variant.buckets, device="meta")
+        tensors["DRelTable"] = torch.empty(seq // 16, batch, heads, buckets, device="meta")
     fn = _kernel(kernel)
     arguments = kernel_arguments(fn, call, **tensors)
     return {name: arguments[name] for name, is_constexpr in _parameters(fn) if is_constexpr and name in arguments}
@@ -354,7 +367,9 @@ def _default_matrix() -> list:
 
 
 def _full_matrix() -> list:
-    return _jobs(FULL_HEAD_DIMS, [dataclasses.replace(v, **profile) for profile in FULL_PROFILES for v in FULL_SCHEMES])
+    """A superset of the default matrix."""
+    return _jobs(FULL_HEAD_DIMS, [dataclasses.replace(v, **profile) for profile in FULL_PROFILES for v in FULL_SCHEMES]
+                 + list(DEFAULT_EXTRA_VARIANTS))
 
 
 def _cost(job: dict) -> int:
@@ -439,15 +454,16 @@ def _scheme_label(r: dict) -> str:
     if variant.interleaved:
         details.append("interleaved")
     if variant.scheme == "relative" and r["kernel"] == "_attn_bwd_dkdv_kernel":
-        details.append(f"table grad, {variant.buckets} buckets" if variant.rel_grad else "no table grad")
+        details.append("table grad" if variant.rel_grad else "no table grad")
     return variant.scheme + (f" ({', '.join(details)})" if details else "")
 
 
 def _mask_label(r: dict) -> str:
-    if r["kernel"] == "_attn_bwd_preprocess_kernel":
-        return "-"
     variant = r["variant"]
-    return ", ".join(["causal" if variant.causal else "non-causal"] + (["window"] if variant.window else []))
+    packed = ["varlen"] if variant.varlen else []
+    if r["kernel"] == "_attn_bwd_preprocess_kernel":
+        return ", ".join(packed) or "-"
+    return ", ".join(["causal" if variant.causal else "non-causal"] + (["window"] if variant.window else []) + packed)
 
 
 def _label(r: dict) -> str:
@@ -466,7 +482,8 @@ def _table(results: list) -> str:
     def key(r):
         v = r["variant"]
         return (list(KERNELS).index(r["kernel"]), v.dtype, r["block_d"], r["head_dim"], SCHEME_CODES[v.scheme],
-                -v.rotary, v.interleaved, not v.rel_grad, v.buckets, v.dlse, not v.causal, v.window, r["arch"], -r["block_m"],
+                -v.rotary, v.interleaved, not v.rel_grad, v.dlse, not v.causal, v.window, v.varlen, r["arch"],
+                -r["block_m"],
                 -(r["block_n"] or 0), -r["num_warps"], r["num_stages"] or 0)
 
     for r in sorted(results, key=key):
@@ -536,18 +553,20 @@ def test_unknown_parameter_is_named():
 
 def test_default_matrix_covers_every_variant_switch():
     """Item 1.5 of issue 9: non-causal, window, interleaved RoPE, partial rotary and bf16 (and the base's
-    fp16, causal, rotate-half, full rotary) each reach every attention kernel at every default head dim; the
-    relative table gradient is compiled for the largest table the launcher takes."""
+    fp16, causal, rotate-half, full rotary) each reach every attention kernel at every default head dim, as
+    does the packed layout (issue 10); the relative table gradient is compiled for the largest table the
+    launcher takes."""
     pytest.importorskip("triton")
     switches = {"non-causal": lambda v: not v.causal, "causal": lambda v: v.causal, "window": lambda v: v.window,
                 "interleaved": lambda v: v.interleaved,
                 "rotate-half": lambda v: v.scheme == "rope" and not v.interleaved,
                 "partial rotary": lambda v: v.scheme == "rope" and v.rotary < 1,
                 "full rotary": lambda v: v.scheme == "rope" and v.rotary == 1,
-                "bf16": lambda v: v.dtype == "bf16", "fp16": lambda v: v.dtype == "fp16"}
+                "bf16": lambda v: v.dtype == "bf16", "fp16": lambda v: v.dtype == "fp16",
+                "varlen": lambda v: v.varlen, "dense": lambda v: not v.varlen}
     from fused_pos_attn.triton_kernels.launch import MAX_GRAD_BUCKETS
     jobs = _default_matrix()
-    assert any(j["variant"].rel_grad and j["variant"].buckets == MAX_GRAD_BUCKETS for j in jobs), \
+    assert any(j["constexprs"].get("NUM_BUCKETS_BLOCK") == MAX_GRAD_BUCKETS for j in jobs), \
         "no default job has the largest bucket table the launcher takes"
     for kernel in [k for k, (_, config_fn) in KERNELS.items() if config_fn is not None]:
         for head_dim in DEFAULT_HEAD_DIMS:

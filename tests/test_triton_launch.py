@@ -145,6 +145,56 @@ def test_flags_off_means_placeholders_and_no_table_work(monkeypatch):
             assert kwargs.get(buffer, torch.zeros(1)).numel() == 1, (kernel.__name__, buffer)
 
 
+def test_packed_call_arguments_and_grids(monkeypatch):
+    """A packed spec turns VARLEN on in every kernel, with the spec's cu_seqlens (by identity) and max_seqlen; the
+    grids, the relative table's partial rows and the autotune length buckets follow the longest sequence and the
+    sequence count, while seq_len_q / seq_len_k are the packed totals. A dense call passes VARLEN off and int64
+    placeholders for cu_seqlens."""
+    grids = []
+
+    class GridRecorder(_Recorder):
+        def __getitem__(self, grid):
+            grids.append((self.kernel, grid))
+            return super().__getitem__(grid)
+
+    launches = []
+    for kernel in KERNELS:
+        monkeypatch.setattr(launch, kernel.__name__, GridRecorder(kernel, launches))
+    lengths_q, lengths_k = [3, 0, 20], [5, 7, 1]
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], device=DEVICE) for n in (lengths_q, lengths_k))
+    q, grad_out = (torch.randn(1, 4, 23, 16, device=DEVICE) for _ in range(2))
+    k, v = (torch.randn(1, 2, 13, 16, device=DEVICE) for _ in range(2))
+    dense = _spec(_relative(), batch=3)
+    spec = AttentionSpec(causal=True, scale=0.25, window=None, q_offset=dense.q_offset, k_offset=dense.k_offset,
+                         position=dense.position, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=20, max_seqlen_k=7)
+    out, lse = triton_backend.forward(q, k, v, spec)
+    triton_backend.backward(grad_out, None, q, k, v, out, lse, spec, True)
+    assert lse.shape == (1, 4, 23)
+    block = launch.INTERPRETER_CONFIG.kwargs["BLOCK_M"] if DEVICE.type == "cpu" else None
+    for kernel, kwargs in launches:
+        assert kwargs["VARLEN"] is True and kwargs["CuSeqlensQ"] is cu_q, kernel.__name__
+        assert kwargs["seq_len_q"] == 23 and kwargs["max_seqlen_q"] == 20, kernel.__name__
+        if "CuSeqlensK" in kwargs:
+            assert kwargs["CuSeqlensK"] is cu_k and kwargs["seq_len_k"] == 13 and kwargs["max_seqlen_k"] == 7
+            assert kwargs["len_bucket_q"] == 32 and kwargs["len_bucket_k"] == 8
+        if kernel is launch._attn_bwd_dkdv_kernel:
+            assert kwargs["DRelTable"].shape[1:] == (3, 4, 16)
+    if block is not None:  # the interpreter's one config: grids as (blocks of the longest sequence, S * heads)
+        preprocess_block = launch.PREPROCESS_CONFIG.kwargs["BLOCK_M"]
+        assert [(kernel.__name__, grid) for kernel, grid in grids] == [
+            ("_attn_fwd_kernel", (triton.cdiv(20, block), 3 * 4)),
+            ("_attn_bwd_preprocess_kernel", (triton.cdiv(20, preprocess_block), 3 * 4)),
+            ("_attn_bwd_dkdv_kernel", (triton.cdiv(7, block), 3 * 2)),
+            ("_attn_bwd_dq_kernel", (triton.cdiv(20, block), 3 * 4))]
+    assert "VARLEN" in launch._TUNE_KEY
+
+    launches.clear()
+    _run_forward_backward(_spec(_relative()))
+    for kernel, kwargs in launches:
+        assert kwargs["VARLEN"] is False and kwargs["CuSeqlensQ"].dtype == torch.int64, kernel.__name__
+        assert kwargs["CuSeqlensQ"].numel() == 1 and kwargs["max_seqlen_q"] == kwargs["seq_len_q"], kernel.__name__
+
+
 # ------------------------------------------------------------------------------------------------ CUDA device
 
 def test_device_context_is_q_device_for_cuda_and_nothing_for_cpu():

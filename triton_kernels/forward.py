@@ -1,10 +1,12 @@
-"""Attention forward: one program per (query block, batch * query head), online softmax over key blocks."""
+"""Attention forward: one program per (query block, batch * query head), online softmax over key blocks. In the
+packed layout (VARLEN) the batch is the sequence: a program per (query block of max_seqlen_q, sequence * query
+head), over its own sequence's rows and keys only."""
 import triton
 import triton.language as tl
 
 from .position import (LN2, LOG2E, POS_ALIBI, POS_RELATIVE, alibi_slope_log2, position_bias_log2, relative_positions,
                        visible_mask)
-from .tiles import load_qk_tiles, load_tile, qk_dot, store_tile
+from .tiles import load_qk_tiles, load_tile, qk_dot, sequence_rows, store_tile
 
 
 @triton.jit
@@ -59,44 +61,50 @@ def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, strid
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBias,
+def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBias, CuSeqlensQ, CuSeqlensK,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_sb, stride_sh, stride_rh,
                      num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
-                     max_distance, len_bucket_q, len_bucket_k,
+                     max_distance, max_seqlen_q, max_seqlen_k, len_bucket_q, len_bucket_k,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
                      PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr, POS: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out (B, Hq, Nq, D) and Lse (B, Hq, Nq) fp32, natural log. RelBias (Hq, 2, max_distance + 1) fp32 is read
-    for POS_RELATIVE only. len_bucket_* only key the autotuner."""
+    for POS_RELATIVE only. len_bucket_* only key the autotuner. VARLEN: B = 1, seq_len_q / seq_len_k are the
+    packed totals, and CuSeqlensQ / CuSeqlensK ((S + 1,) int64) give each sequence's rows (see sequence_rows)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     kv_h = h // num_kv_groups
+    tb, q_start, len_q = sequence_rows(CuSeqlensQ, b, seq_len_q, max_seqlen_q, VARLEN, False)
+    _, k_start, len_k = sequence_rows(CuSeqlensK, b, seq_len_k, max_seqlen_k, VARLEN, False)
+    if VARLEN:  # a block past its sequence's end (the grid covers the longest) visits no key and stores nothing.
+        # Not an early `return`: that branch cost the backward up to 50 registers (dQ spilled at D = 256, sm_90).
+        len_k = tl.where(start_m < len_q, len_k, 0)
     q_off = tl.load(QOffset + b)
     k_off = tl.load(KOffset + b)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q_main, q_pass = load_qk_tiles(Q + b * stride_qb + h * stride_qh, offs_m, seq_len_q, stride_qn, stride_qd,
-                                   q_off + offs_m, InvFreq, attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK,
-                                   HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
+    q_main, q_pass = load_qk_tiles(Q + tb * stride_qb + h * stride_qh + q_start * stride_qn, offs_m, len_q,
+                                   stride_qn, stride_qd, q_off + offs_m, InvFreq, attention_factor, HEAD_DIM,
+                                   MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
     RelBias += h * stride_rh
-    K += b * stride_kb + kv_h * stride_kh
-    V += b * stride_vb + kv_h * stride_vh
+    K += tb * stride_kb + kv_h * stride_kh + k_start * stride_kn
+    V += tb * stride_vb + kv_h * stride_vh + k_start * stride_vn
 
     # Visible keys [lo, hi); inside it, [full_lo, full_hi) holds whole blocks every row sees unmasked.
-    q_end = tl.minimum(start_m + BLOCK_M, seq_len_q)
+    q_end = tl.minimum(start_m + BLOCK_M, len_q)
     delta = q_off - k_off
-    lo, hi = key_block_range(start_m, q_end, delta, seq_len_k, window, BLOCK_N, CAUSAL, HAS_WINDOW)
-    full_hi = (seq_len_k // BLOCK_N) * BLOCK_N
+    lo, hi = key_block_range(start_m, q_end, delta, len_k, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    full_hi = (len_k // BLOCK_N) * BLOCK_N
     if CAUSAL:  # block [n, n + BLOCK_N) is fully left of every row iff n + BLOCK_N <= delta + start_m + 1
         full_hi = tl.minimum(full_hi, (tl.maximum(delta + start_m + 1, 0) // BLOCK_N) * BLOCK_N).to(tl.int32)
     full_lo = lo
@@ -113,17 +121,17 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
     q_pos_start = q_off + start_m
     # Masked edge, unmasked interior, masked edge.
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, lo, full_lo, qk_scale_log2,
+                                    stride_vn, stride_vd, q_pos_start, k_off, len_k, lo, full_lo, qk_scale_log2,
                                     slope_log2, max_distance, window, attention_factor, offs_d, mask_d, BLOCK_M,
                                     BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL,
                                     HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, full_lo, full_hi,
+                                    stride_vn, stride_vd, q_pos_start, k_off, len_k, full_lo, full_hi,
                                     qk_scale_log2, slope_log2, max_distance, window, attention_factor, offs_d, mask_d,
                                     BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS,
                                     CAUSAL, HAS_WINDOW, INTERLEAVED, False, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, full_hi, hi, qk_scale_log2,
+                                    stride_vn, stride_vd, q_pos_start, k_off, len_k, full_hi, hi, qk_scale_log2,
                                     slope_log2, max_distance, window, attention_factor, offs_d, mask_d, BLOCK_M,
                                     BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL,
                                     HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
@@ -132,5 +140,6 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    store_tile(Out + b * stride_ob + h * stride_oh, out, offs_m, seq_len_q, stride_on, stride_od, offs_d, mask_d)
-    tl.store(Lse + (b * num_heads + h) * seq_len_q + offs_m, lse, mask=offs_m < seq_len_q)
+    store_tile(Out + tb * stride_ob + h * stride_oh + q_start * stride_on, out, offs_m, len_q, stride_on, stride_od,
+               offs_d, mask_d)
+    tl.store(Lse + (tb * num_heads + h) * seq_len_q + q_start + offs_m, lse, mask=offs_m < len_q)

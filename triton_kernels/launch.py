@@ -30,7 +30,7 @@ MAX_GRAD_BUCKETS = 32
 PREPROCESS_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4)
 TUNED = ("BLOCK_M", "BLOCK_N")  # meta-parameters a launch config sets; kernel_arguments never does
 _TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION", "REL_GRAD",
-             "NUM_BUCKETS_BLOCK", "len_bucket_q", "len_bucket_k"]
+             "NUM_BUCKETS_BLOCK", "VARLEN", "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
                  _attn_bwd_dq_kernel: backward_dq_configs}
 # Stride parameters of each strided tensor parameter: stride_<prefix><dim> for the dims its strides name
@@ -71,7 +71,14 @@ class KernelPosition:
 class KernelCall:
     """One attention call but its tensors: query row i of batch b sits at q_offset[b] + i, key j at
     k_offset[b] + j (offsets (B,) int64 on the tensors' device); scale multiplies q.k; window: left window
-    or None (field names as in fused_pos_attn's AttentionSpec)."""
+    or None (field names as in fused_pos_attn's AttentionSpec).
+
+    Packed (varlen) layout when cu_seqlens_q is set: q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D), and
+    sequence s owns query rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] and key rows cu_seqlens_k[s]:cu_seqlens_k[s + 1]
+    ((S + 1,) int64 on the tensors' device; the kernels clamp them into the tensors, whatever their values);
+    the batch b above is then the sequence s (offsets and ALiBi slopes have S rows). max_seqlen_q / max_seqlen_k
+    bound the sequences' lengths: they size the grids and workspaces (0 and unused in the dense layout).
+    """
 
     q_offset: torch.Tensor
     k_offset: torch.Tensor
@@ -79,6 +86,20 @@ class KernelCall:
     scale: float
     causal: bool
     window: Optional[int]
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def extent(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+        """(batches or sequences, rows per batch or longest sequence of q, same of k): what grids cover."""
+        if self.varlen:
+            return self.q_offset.shape[0], max(0, int(self.max_seqlen_q)), max(0, int(self.max_seqlen_k))
+        return q.shape[0], q.shape[2], k.shape[2]
 
 
 def _interpreting() -> bool:
@@ -101,20 +122,25 @@ def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
     tensors: the launch's tensors by kernel parameter name: Q (B, Hq, Nq, D) and K (B, Hkv, Nk, D) always (they
     give the shapes), and those of Out, Lse, DOut, Delta, DQ, DK, DV, DLse, DRelTable the launch has. Position
     tensors come from call.position, with placeholders for those a scheme lacks (never read); every strided
-    tensor brings its strides. Passing DLse turns on HAS_DLSE, DRelTable turns on REL_GRAD.
+    tensor brings its strides. Passing DLse turns on HAS_DLSE, DRelTable turns on REL_GRAD; call.cu_seqlens_q
+    turns on VARLEN (seq_len_q / seq_len_k are then the packed totals, the tensors' N).
     """
     q, k = tensors["Q"], tensors["K"]
     batch, num_heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     position = call.position
-    placeholder = torch.zeros(1, dtype=torch.float32, device=q.device)
+    _, rows_q, rows_k = call.extent(q, k)
+    placeholder = torch.zeros(2, dtype=torch.float32, device=q.device)  # 8 bytes: one element of every type used
+    fp32, int32, int64 = placeholder[:1], placeholder.view(torch.int32)[:1], placeholder.view(torch.int64)
     values = dict(
         QOffset=call.q_offset, KOffset=call.k_offset,
-        Slopes=position.slopes if position.slopes is not None else placeholder.expand(batch, num_heads),
-        InvFreq=position.inv_freq if position.inv_freq is not None else placeholder,
-        RelBias=position.rel_bias if position.rel_bias is not None else placeholder.expand(num_heads, 2, 1),
-        RelBuckets=position.rel_buckets if position.rel_buckets is not None else placeholder.view(torch.int32),
-        DLse=placeholder, DRelTable=placeholder)
+        Slopes=position.slopes if position.slopes is not None else fp32.expand(batch, num_heads),
+        InvFreq=position.inv_freq if position.inv_freq is not None else fp32,
+        RelBias=position.rel_bias if position.rel_bias is not None else fp32.expand(num_heads, 2, 1),
+        RelBuckets=position.rel_buckets if position.rel_buckets is not None else int32,
+        CuSeqlensQ=call.cu_seqlens_q if call.varlen else int64,
+        CuSeqlensK=call.cu_seqlens_k if call.varlen else int64,
+        DLse=fp32, DRelTable=fp32)
     values.update(tensors)
     for name, stride_names in _STRIDE_NAMES.items():
         if name in values:
@@ -124,11 +150,12 @@ def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
         num_heads=num_heads, num_kv_groups=num_heads // k.shape[1], seq_len_q=seq_q, seq_len_k=seq_k,
         sm_scale=float(call.scale), window=int(call.window or 0), attention_factor=float(position.attention_factor),
         max_distance=int(position.max_distance), num_buckets=int(position.num_buckets),
-        len_bucket_q=triton.next_power_of_2(seq_q), len_bucket_k=triton.next_power_of_2(seq_k),
+        max_seqlen_q=rows_q, max_seqlen_k=rows_k,
+        len_bucket_q=triton.next_power_of_2(rows_q), len_bucket_k=triton.next_power_of_2(rows_k),
         HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), **_tile_widths(position, head_dim),
         POS=SCHEME_CODES[position.kind], CAUSAL=bool(call.causal), HAS_WINDOW=call.window is not None,
         INTERLEAVED=bool(position.interleaved), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_DLSE="DLse" in tensors, REL_GRAD=rel_grad,
+        HAS_DLSE="DLse" in tensors, REL_GRAD=rel_grad, VARLEN=call.varlen,
         NUM_BUCKETS_BLOCK=triton.next_power_of_2(position.num_buckets) if rel_grad else 1)
     missing = [name for name in kernel.arg_names if name not in values and name not in TUNED]
     if missing:
@@ -157,10 +184,13 @@ def _autotuned(kernel, block_d: int, pos: str):
 
 
 def _launch(kernel, grid, call: KernelCall, **tensors: torch.Tensor) -> None:
-    """Launch kernel over grid(meta) with kernel_arguments(kernel, call, **tensors) and its configs."""
+    """Launch kernel over grid(meta) with kernel_arguments(kernel, call, **tensors) and its configs. An empty grid
+    (packed sequences all empty along the grid's axis) launches nothing: its size is 0 under every config."""
     kwargs = kernel_arguments(kernel, call, **tensors)
     block_d, pos = kwargs["BLOCK_D"], SCHEME_NAMES[kwargs.get("POS", SCHEME_CODES["none"])]
     configs = _configs(kernel, block_d, pos)
+    if 0 in grid(configs[0].all_kwargs()):
+        return
     if _interpreting():
         fix_loop_bounds()
     if len(configs) == 1:  # nothing to tune
@@ -178,12 +208,15 @@ def _device_context(device: torch.device):
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> out like q, lse (B, Hq, Nq) fp32 (natural log)."""
+    """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> out like q, lse (B, Hq, Nq) fp32 (natural log); packed layout
+    (call.varlen): B = 1, N the totals, lse (1, Hq, total_q). A program per (query block, batch or sequence *
+    query head)."""
     batch, num_heads, seq_q, _ = q.shape
+    sequences, rows_q, _ = call.extent(q, k)
     with _device_context(q.device):
         out = torch.empty_like(q)
         lse = torch.empty((batch, num_heads, seq_q), dtype=torch.float32, device=q.device)
-        _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads), call,
+        _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), sequences * num_heads), call,
                 Q=q, K=k, V=v, Out=out, Lse=lse)
     return out, lse
 
@@ -193,14 +226,17 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
                        rel_grad: bool) -> tuple:
     """Gradients of attention_forward's (out, lse) given grad_out (like out) and grad_lse ((B, Hq, Nq) contiguous
     fp32, or None for zero): dq (like q), dk, dv (like k, v), and for rel_grad (relative scheme) the gradient
-    of the (Hq, num_buckets) bucket table as fp32, else None."""
-    batch, num_heads, seq_q, head_dim = q.shape
-    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    of the (Hq, num_buckets) bucket table as fp32, else None. Packed layout (call.varlen): B = 1 and N the totals
+    as in attention_forward; the grids and the table's partial rows cover max_seqlen_q / max_seqlen_k."""
+    num_heads, head_dim = q.shape[1], q.shape[3]
+    num_kv_heads = k.shape[1]
+    sequences, rows_q, rows_k = call.extent(q, k)
     rel_grad = rel_grad and call.position.kind == "relative"
     with _device_context(q.device):
         delta = torch.empty_like(lse)
         dlse = {} if grad_lse is None else dict(DLse=grad_lse)
-        _launch(_attn_bwd_preprocess_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads),
+        _launch(_attn_bwd_preprocess_kernel,
+                lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), sequences * num_heads),
                 call, Q=q, K=k, Out=out, DOut=grad_out, Lse=lse, Delta=delta, **dlse)
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -209,12 +245,13 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
         if rel_grad:  # a partial row per (key block, batch, query head), for the smallest BLOCK_N it may run with
             block_n = min(c.kwargs["BLOCK_N"] for c in _configs(_attn_bwd_dkdv_kernel, block_d_for(head_dim),
                                                                   "relative"))
-            table["DRelTable"] = torch.zeros((triton.cdiv(seq_k, block_n), batch, num_heads, call.position.num_buckets),
-                                             dtype=torch.float32, device=q.device)
-        _launch(_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * num_kv_heads),
+            table["DRelTable"] = torch.zeros((triton.cdiv(rows_k, block_n), sequences, num_heads,
+                                              call.position.num_buckets), dtype=torch.float32, device=q.device)
+        _launch(_attn_bwd_dkdv_kernel,
+                lambda meta: (triton.cdiv(rows_k, meta["BLOCK_N"]), sequences * num_kv_heads),
                 call, DK=dk, DV=dv, **shared, **table)
-        _launch(_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads), call,
-                DQ=dq, **shared)
+        _launch(_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), sequences * num_heads),
+                call, DQ=dq, **shared)
         # (Hq, num_buckets): a fixed-order reduction of the partial rows, so the result is deterministic
         d_rel_table = table["DRelTable"].sum(dim=(0, 1)) if rel_grad else None
     return dq, dk, dv, d_rel_table

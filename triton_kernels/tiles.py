@@ -9,6 +9,11 @@ v, out and dO rows are always plain (R, BLOCK_D) tiles.
 
 Row offsets are int64: row * stride_n passes 2^31 elements in a (B, N, H, D) cache viewed as (B, H, N, D)
 once N * H * D does (262144 rows at H * D = 8192); column offsets stay int32 (d * stride_d is small).
+
+Two layouts (fused_pos_attn's AttentionSpec): dense, where batch b owns all N rows of q[b], k[b]; and packed
+(VARLEN), where the tensors have B = 1 and sequence b owns the rows cu_seqlens[b]:cu_seqlens[b + 1] of N.
+sequence_rows gives every kernel its batch's tensor index, first row and length, so the kernels address both
+layouts the same way: base pointer at (batch, head, first row), then rows 0 .. length - 1 of that sequence.
 """
 import os
 
@@ -22,6 +27,27 @@ from .position import POS_ROPE, rope_cos_sin, rope_pair_columns, rope_rotate_pai
 def row_offsets(offs_rows, stride_n):
     """(R, 1) int64 element offsets of rows offs_rows (R,) int32 of a matrix with row stride stride_n."""
     return offs_rows.to(tl.int64)[:, None] * stride_n
+
+
+@triton.jit
+def sequence_rows(CuSeqlens, b, num_rows, max_seqlen, VARLEN: tl.constexpr, REREAD: tl.constexpr):
+    """(tensor batch index, first row (int64), row count (int32)) of batch or sequence b along a tensor's N axis
+    of num_rows rows.
+
+    Dense: (b, 0, num_rows). VARLEN: (0, start, length) of rows CuSeqlens[b]:CuSeqlens[b + 1] ((S + 1,) int64),
+    clamped so that no cu_seqlens makes a kernel leave the tensor: start into [0, num_rows], end into
+    [start, num_rows], and at most max_seqlen rows (the grids cover that many).
+
+    REREAD: read CuSeqlens again (volatile loads the compiler cannot merge with the first read) for an epilogue
+    after the main loop, so that the sequence's start and length are not held in registers across the loop,
+    as a dense kernel's are not (its lengths are kernel arguments). Holding them tipped ptxas into capping
+    some RoPE kernels at 128 registers, with spills (dQ at D = 128 on sm_80, forward at D = 256 on sm_90)."""
+    if VARLEN:
+        start = tl.minimum(tl.maximum(tl.load(CuSeqlens + b, volatile=REREAD), 0), num_rows).to(tl.int32)
+        end = tl.minimum(tl.maximum(tl.load(CuSeqlens + b + 1, volatile=REREAD), start), num_rows).to(tl.int32)
+        return 0, start.to(tl.int64), tl.minimum(end - start, max_seqlen)
+    else:
+        return b, 0, num_rows
 
 
 # layout_fence is on for Triton before 3.9 (3.6 needs it; 3.9 allocates registers better without it) and off

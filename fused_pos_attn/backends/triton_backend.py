@@ -1,4 +1,7 @@
-"""Triton backend: maps an AttentionSpec onto the Triton launchers."""
+"""Triton backend: maps an AttentionSpec onto the Triton launchers.
+
+Both layouts of AttentionSpec reach the same kernels: dense (B, H, N, D) tensors, and packed (varlen) ones,
+(1, H, total, D) views with spec.cu_seqlens_q / cu_seqlens_k, which the kernels take as their VARLEN flag."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -13,7 +16,8 @@ from ..spec import AttentionSpec
 
 
 def _kernel_call(spec: AttentionSpec) -> KernelCall:
-    """The launchers' view of spec: KernelCall's fields, read from spec's fields of the same names."""
+    """The launchers' view of spec: KernelCall's fields (the packed layout's cu_seqlens_* and max_seqlen_*
+    included), read from spec's fields of the same names."""
     values = {f.name: getattr(spec, f.name) for f in fields(KernelCall) if f.name != "position"}
     return KernelCall(position=KernelPosition.of(spec.position), **values)
 
@@ -29,7 +33,8 @@ def _check_grad_buckets(spec: AttentionSpec) -> None:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32."""
+    """out (B, Hq, Nq, D) like q, lse (B, Hq, Nq) fp32; packed layout: out (1, Hq, total_q, D) like q, lse
+    (1, Hq, total_q)."""
     return attention_forward(q, k, v, _kernel_call(spec))
 
 
