@@ -18,7 +18,10 @@
 #                    summary of failures and skips; full log in gpu_tests_<device>.log   ~2.5-3.5 min
 #   [hh:mm:ss +300s] check: python -m fused_pos_attn check --no-bench, a PASS/FAIL table per
 #                    kernel backend (triton, cuda) and position scheme                             ~20 s
-#   [hh:mm:ss +320s] bench: bench/gpu_bench.py, one line per measured cell ("bf16 D=128 N=4096
+#   [hh:mm:ss +320s] varlen: bench/varlen.py --device cuda: 16 packed documents of 64..2048 tokens,
+#                    bf16, ALiBi and RoPE, fwd and fwd+bwd, against per-document calls, padding
+#                    and SDPA with a dense block-diagonal mask (time and peak memory)              ~30 s
+#   [hh:mm:ss +350s] bench: bench/gpu_bench.py, one line per measured cell ("bf16 D=128 N=4096
 #                    fwd triton ALiBi: 0.812 ms, 338 TFLOP/s, 0.97x floor, 2 MiB"), then one
 #                    summary table (TFLOP/s and time ratio to SDPA flash per cell)          ~2-2.5 min
 #   the stage table (ok / FAILED / TIMEOUT, seconds), the result files, and "gpu-check: PASSED" or
@@ -31,8 +34,9 @@
 # Results, in bench/results (GPU_CHECK_RESULTS_DIR), <device> from torch.cuda.get_device_name (nvidia-h100-...):
 #   gpu_check_<device>.md (stage table, versions, failures), gpu_check_<device>.log (all of the above),
 #   gpu_build_<device>.log, gpu_tests_<device>.log, gpu_tests_<device>.xml (JUnit),
-#   gpu_bench_<device>.md / .csv / .png. Each is written as its stage ends (the CSV cell by cell); when $OUT
-#   is set they are also copied there after every stage (8 files at most).
+#   gpu_bench_<device>.md / .csv / .png, varlen_cuda_<device>.md / .csv. Each is written as its stage ends (the
+#   CSV cell by cell); when $OUT is set they are also copied there after every stage (8 files at most: all but
+#   the JUnit XML and the varlen CSV, whose numbers the varlen .md has).
 # Exit status: 0 every stage passed; 1 a stage failed or timed out; 2 no CUDA device: a dry run that prints
 # the commands and the benchmark plan and builds, tests and measures nothing (also with GPU_CHECK_DRY_RUN=1).
 # Knobs: PY (interpreter; default the first of python3, python that imports torch), GPU_CHECK_BUDGET_S,
@@ -50,6 +54,7 @@ WORKERS=${GPU_CHECK_WORKERS:-$(( CORES < 12 ? CORES : 12 ))}
 TESTS_MAX_S=330      # the tests' own cap; they get less when the build was slow
 TESTS_LEAVE_S=90     # left for the check and the benchmark when the tests start
 CHECK_MAX_S=60
+VARLEN_MAX_S=45
 BENCH_MIN_S=60
 BUILD_MAX_S=240
 MAIN_LOG=/dev/null   # set once the device is known
@@ -125,6 +130,7 @@ if [[ "$HAS_XDIST" == 1 ]]; then TEST_CMD+=(-n "$WORKERS" --dist "$XDIST_DIST");
 if [[ "$HAS_TIMEOUT_PLUGIN" == 1 ]]; then TEST_CMD+=(--timeout=240); fi
 CHECK_CMD=("$PY" -m fused_pos_attn check --no-bench)
 BENCH_CMD=("$PY" bench/gpu_bench.py --out-dir "$RESULTS")
+VARLEN_CMD=("$PY" bench/varlen.py --device cuda --rounds 2 --min-time 0.1 --out-dir "$RESULTS")
 
 # ---------------------------------------------------------------------------------------------- dry run
 if [[ "$HAS_CUDA" != 1 ]]; then
@@ -137,7 +143,8 @@ if [[ "$HAS_CUDA" != 1 ]]; then
     echo "  2. tests:  $(quoted "${TEST_CMD[@]}") > $TEST_LOG"
     [[ "$HAS_XDIST" == 1 ]] || echo "             (pytest-xdist is not installed here: without it the tests run on one core)"
     echo "  3. check:  $(quoted "${CHECK_CMD[@]}")"
-    echo "  4. bench:  $(quoted "${BENCH_CMD[@]}") --budget-s <seconds left>"
+    echo "  4. varlen: $(quoted "${VARLEN_CMD[@]}")"
+    echo "  5. bench:  $(quoted "${BENCH_CMD[@]}") --budget-s <seconds left>"
     echo "The benchmark plan (bench/gpu_bench.py --dry-run):"
     "$PY" bench/gpu_bench.py --dry-run || echo "(the plan could not be built: is fused_pos_attn importable by $PY?)"
     echo
@@ -152,13 +159,13 @@ MAIN_LOG="$RESULTS/gpu_check_${SLUG}.log"
 BUILD_LOG="$RESULTS/gpu_build_${SLUG}.log"
 SUMMARY="$RESULTS/gpu_check_${SLUG}.md"
 : > "$MAIN_LOG"
-rm -f "$BUILD_LOG" "$TEST_LOG" "$TEST_XML" "$RESULTS"/gpu_bench_"$SLUG".*  # no stale results of an earlier run
+rm -f "$BUILD_LOG" "$TEST_LOG" "$TEST_XML" "$RESULTS"/gpu_bench_"$SLUG".* "$RESULTS"/varlen_cuda_"$SLUG".*  # no stale results
 
 publish() {  # copy this run's result files to $OUT (the device tool's return folder) when it is set
     [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
     local f
-    for f in "$RESULTS"/gpu_check_"$SLUG".* "$RESULTS"/gpu_build_"$SLUG".log "$RESULTS"/gpu_tests_"$SLUG".* \
-             "$RESULTS"/gpu_bench_"$SLUG".*; do
+    for f in "$RESULTS"/gpu_check_"$SLUG".* "$RESULTS"/gpu_build_"$SLUG".log "$TEST_LOG" \
+             "$RESULTS"/gpu_bench_"$SLUG".* "$RESULTS"/varlen_cuda_"$SLUG".md; do
         [[ -f "$f" ]] && cp -f "$f" "$OUT/"
     done
     return 0
@@ -259,7 +266,15 @@ timeout --foreground "$limit" "${CHECK_CMD[@]}" 2>&1 | tee -a "$MAIN_LOG"
 rc=${PIPESTATUS[0]}
 record check "$(status_of "$rc")" "$start" "python -m fused_pos_attn check"
 
-# 4. the benchmark plan, with what is left of the budget.
+# 4. packed sequences (bench/varlen.py), capped: its table reports what it measured.
+start=$SECONDS
+limit=$(clamp $(( $(left) - BENCH_MIN_S )) 20 "$VARLEN_MAX_S")
+say "varlen: $(quoted "${VARLEN_CMD[@]}") (limit $limit s)"
+timeout --foreground --kill-after=10 "$limit" "${VARLEN_CMD[@]}" 2>&1 | tee -a "$MAIN_LOG"
+rc=${PIPESTATUS[0]}
+record varlen "$(status_of "$rc")" "$start" "varlen_cuda_$SLUG.md, .csv"
+
+# 5. the benchmark plan, with what is left of the budget.
 start=$SECONDS
 limit=$(( $(left) > BENCH_MIN_S ? $(left) : BENCH_MIN_S ))
 say "bench: $(quoted "${BENCH_CMD[@]}") --budget-s $(( limit - 25 )) (limit $limit s)"

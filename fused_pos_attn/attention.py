@@ -71,63 +71,83 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
     batch, num_heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     scheme = as_position_scheme(pos)
-    causal = _check_bool(causal, "causal")
-    k_off = _offsets(k_offset, "k_offset", batch, q.device, default=0)
-    q_off = _offsets(q_offset, "q_offset", batch, q.device, default=None)
+    causal = check_bool(causal, "causal")
+    k_off = check_offsets(k_offset, "k_offset", batch, q.device, default=0)
+    q_off = check_offsets(q_offset, "q_offset", batch, q.device, default=None)
     if q_off is None:
         q_off = k_off + (seq_k - seq_q)
-    position = scheme.resolve(batch, num_heads, head_dim, _current_length(scheme, q_off, k_off, seq_q, seq_k),
-                              q.device, causal=causal)
-    spec = AttentionSpec(causal=causal, scale=_check_scale(scale, head_dim),
-                         window=_check_window(window), q_offset=q_off, k_offset=k_off, position=position)
-    _check_bool(return_lse, "return_lse")
+    length = current_length(scheme, q_off, k_off, seq_q, seq_k, fallback=max(seq_q, seq_k))
+    position = scheme.resolve(batch, num_heads, head_dim, length, q.device, causal=causal)
+    spec = AttentionSpec(causal=causal, scale=check_scale(scale, head_dim),
+                         window=check_window(window), q_offset=q_off, k_offset=k_off, position=position)
+    return attend(q, k, v, spec, backend, return_lse)
 
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, backend: str,
+           return_lse: bool):
+    """Run a validated call on the chosen backend (q, k, v 4-D in spec's layout): out, and lse when
+    return_lse. The dense reference is differentiable through autograd, kernel backends through
+    FusedAttentionFunction."""
+    check_bool(return_lse, "return_lse")
     chosen = backends.select(backend, q)
-    if chosen is None:  # the dense reference, differentiable through autograd
+    if chosen is None:
         out, lse = attention_reference(q, k, v, spec, upcast=False)
         out, lse = out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     else:
-        out, lse = FusedAttentionFunction.apply(q, k, v, position.rel_table, spec, chosen)
+        out, lse = FusedAttentionFunction.apply(q, k, v, spec.position.rel_table, spec, chosen)
     return (out, lse) if return_lse else out
 
 
-def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_tensor_types(tensors: dict, layouts: dict) -> None:
+    """Each named tensor is a torch.Tensor of len(layout) dims and a float dtype, all of one dtype and device.
+    layouts: name -> its layout text, e.g. "(B, Hq, Nq, D)" (the dims are counted from it)."""
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            layout = "(B, Hq, Nq, D)" if name == "q" else "(B, Hkv, Nk, D)"
-            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+        ndim = layouts[name].count(",") + 1
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layouts[name]}, got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Nk, D), got k {tuple(k.shape)}, "
+        raise ValueError(f"k and v must have the same shape {layouts['k']}, got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size B, got q {q.shape[0]}, k {k.shape[0]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head dim D, got q {q.shape[3]}, k {k.shape[3]}")
-    head_dim = q.shape[3]
+
+
+def check_heads(num_heads: int, num_kv_heads: int, head_dim: int, kv_head_dim: int) -> None:
+    """Head counts and head dims shared by both layouts."""
+    if head_dim != kv_head_dim:
+        raise ValueError(f"q and k must have the same head dim D, got q {head_dim}, k {kv_head_dim}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"number of query heads Hq={q.shape[1]} must be a multiple of key/value heads "
-                         f"Hkv={k.shape[1]}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(f"number of query heads Hq={num_heads} must be a multiple of key/value heads "
+                         f"Hkv={num_kv_heads}")
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_tensor_types(dict(q=q, k=k, v=v), dict(q="(B, Hq, Nq, D)", k="(B, Hkv, Nk, D)", v="(B, Hkv, Nk, D)"))
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size B, got q {q.shape[0]}, k {k.shape[0]}")
+    check_heads(q.shape[1], k.shape[1], q.shape[3], k.shape[3])
     if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"B, Hq, Nq and Nk must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def _offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
-             default: Optional[int]) -> Optional[torch.Tensor]:
-    """int or (B,) integer tensor -> (B,) int64 on device."""
+def check_offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
+                  default: Optional[int], batch_name: str = "B") -> Optional[torch.Tensor]:
+    """int or (batch,) integer tensor -> (batch,) int64 on device; batch_name names the batch dim in errors
+    ("B" for fused_attention, "S" for the sequences of fused_attention_varlen)."""
+    expected = f"an int or a ({batch_name},) integer tensor"
     if value is None:
         return None if default is None else torch.full((batch,), default, dtype=torch.int64, device=device)
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a (B,) integer tensor, got bool")
+        raise TypeError(f"{name} must be {expected}, got bool")
     if isinstance(value, int):
         return torch.full((batch,), value, dtype=torch.int64, device=device)
     if isinstance(value, torch.Tensor):
@@ -136,23 +156,24 @@ def _offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
         if value.dim() == 0:
             return value.to(device=device, dtype=torch.int64).expand(batch).contiguous()
         if tuple(value.shape) != (batch,):
-            raise ValueError(f"{name} must have shape (B,)=({batch},), got {tuple(value.shape)}")
+            raise ValueError(f"{name} must have shape ({batch_name},)=({batch},), got {tuple(value.shape)}")
         # A copy, never the caller's tensor: the offsets are saved for backward, and an in-place update of
         # the caller's tensor (a growing KV-cache length) must not change them.
         return value.to(device=device, dtype=torch.int64, copy=True).contiguous()
-    raise TypeError(f"{name} must be an int or a (B,) integer tensor, got {type(value).__name__}")
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
-def _current_length(scheme, q_off: torch.Tensor, k_off: torch.Tensor, seq_q: int, seq_k: int) -> int:
-    """The call's largest absolute position + 1, max over b of max(q_off[b] + Nq, k_off[b] + Nk), for
-    schemes whose parameters depend on it (RoPE with DynamicNTK). Reading the offsets is a device sync, so
-    other schemes get max(Nq, Nk), which they ignore."""
+def current_length(scheme, q_off: torch.Tensor, k_off: torch.Tensor, len_q: Union[int, torch.Tensor],
+                   len_k: Union[int, torch.Tensor], fallback: int) -> int:
+    """The call's largest absolute position + 1, max over b of max(q_off[b] + len_q[b], k_off[b] + len_k[b])
+    (lengths: ints, or per-sequence tensors), for schemes whose parameters depend on it (RoPE with
+    DynamicNTK). Reading it is a device sync, so other schemes get `fallback`, which they ignore."""
     if not getattr(scheme, "length_dependent", False):
-        return max(seq_q, seq_k)
-    return int(torch.maximum(q_off + seq_q, k_off + seq_k).max())
+        return fallback
+    return int(torch.maximum(q_off + len_q, k_off + len_k).max())
 
 
-def _check_scale(scale: Optional[float], head_dim: int) -> float:
+def check_scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -162,7 +183,7 @@ def _check_scale(scale: Optional[float], head_dim: int) -> float:
     return float(scale)
 
 
-def _check_window(window: Optional[int]) -> Optional[int]:
+def check_window(window: Optional[int]) -> Optional[int]:
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, int):
@@ -172,7 +193,7 @@ def _check_window(window: Optional[int]) -> Optional[int]:
     return window
 
 
-def _check_bool(value: bool, name: str) -> bool:
+def check_bool(value: bool, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value

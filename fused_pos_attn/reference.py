@@ -6,7 +6,8 @@ uses. Memory is O(Nq x Nk): use it for checking, not for speed.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Iterator, Optional
 
 import torch
 
@@ -78,11 +79,25 @@ def position_bias(pq: torch.Tensor, pk: torch.Tensor, position: ResolvedPosition
     return None
 
 
+def packed_sequences(spec: AttentionSpec) -> Iterator[tuple[slice, slice, AttentionSpec]]:
+    """For a packed spec: per sequence s, (its query rows, its key rows, the dense spec of that sequence
+    alone), read from cu_seqlens on the host."""
+    starts_q, starts_k = spec.cu_seqlens_q.tolist(), spec.cu_seqlens_k.tolist()
+    for s in range(spec.num_sequences):
+        slopes = spec.position.slopes
+        position = spec.position if slopes is None else dataclasses.replace(spec.position, slopes=slopes[s:s + 1])
+        alone = dataclasses.replace(spec, q_offset=spec.q_offset[s:s + 1], k_offset=spec.k_offset[s:s + 1],
+                                    position=position, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                                    max_seqlen_k=0)
+        yield slice(starts_q[s], starts_q[s + 1]), slice(starts_k[s], starts_k[s + 1]), alone
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                         upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention with the position scheme of `spec`.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). Computes in fp64 when upcast, else in q's dtype, with the
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); or, for a packed spec (spec.varlen), q (1, Hq, total_q, D) and
+    k, v (1, Hkv, total_k, D) with each sequence attended alone (a loop: this is the oracle). Computes in fp64 when upcast, else in q's dtype, with the
     position math, the scores' scale-and-bias and the softmax in position_dtype (fp32 for half-precision
     inputs), as the kernels do: only the rotation, the two matmuls and the probabilities fed to the second
     one round to the compute dtype. (Hugging Face's eager attention also runs the softmax in fp32, but adds
@@ -90,6 +105,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     Returns out (B, Hq, Nq, D) in the compute dtype and lse (B, Hq, Nq) in position_dtype. Rows with no
     visible key give out = 0 and lse = -inf. Differentiable in q, k, v (and a relative table) by autograd.
     """
+    if spec.varlen:
+        parts = [attention_reference(q[:, :, rows_q], k[:, :, rows_k], v[:, :, rows_k], alone, upcast)
+                 for rows_q, rows_k, alone in packed_sequences(spec)]
+        return torch.cat([out for out, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
     dtype = torch.float64 if upcast else q.dtype
     exact = position_dtype(dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -12,24 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fused_pos_attn import ALiBi, RelativeBias, RoPE, fused_attention
+from kernel_backends import DEVICE, HAS_TRITON, backend, device_of  # noqa: F401  (backend: a fixture)
 from tolerance import assert_close_to_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"))
-
-
-@pytest.fixture(params=[TRITON, "cpu"])
-def backend(request) -> str:
-    return request.param
-
-
-def device_of(backend: str) -> str:
-    return "cpu" if backend == "cpu" else DEVICE
 
 
 @dataclass

@@ -83,6 +83,9 @@ case "$1" in
     bench/gpu_bench.py) dir=$(sed -n 's/.*--out-dir \([^ ]*\).*/\1/p' <<< "$*")
                         for ext in md csv png; do echo "$ext" > "$dir/gpu_bench_nvidia-h200.$ext"; done
                         echo "| bf16 | 128 | fwd | 1024 | 300 | 310 (0.97x) |" ;;
+    bench/varlen.py) dir=$(sed -n 's/.*--out-dir \([^ ]*\).*/\1/p' <<< "$*")
+                     for ext in md csv; do echo "$ext" > "$dir/varlen_cuda_nvidia-h200.$ext"; done
+                     echo "| alibi | fwd | packed | 1.0 | 0.90 | 12 |" ;;
 esac
 """
 
@@ -95,8 +98,8 @@ def stub_python(tmp_path: Path) -> Path:
 
 
 def test_stages_with_a_stub_interpreter(tmp_path):
-    """The CUDA path's control flow: build for sm_90 with --no-index, tests (a failure), check, bench; the
-    stage table, exit status 1 naming the failed stage, and every result file copied to $OUT."""
+    """The CUDA path's control flow: build for sm_90 with --no-index, tests (a failure), check, varlen, bench;
+    the stage table, exit status 1 naming the failed stage, and the result files copied to $OUT (8 at most)."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run_script(tmp_path, PY=str(stub_python(tmp_path)), OUT=str(out_dir), STUB_CUDA_BUILD="ok",
@@ -108,13 +111,15 @@ def test_stages_with_a_stub_interpreter(tmp_path):
     summary = (tmp_path / "results" / "gpu_check_nvidia-h200.md").read_text()
     assert "| build | ok |" in summary and "| tests | FAILED (rc 1) |" in summary
     assert "1 failed, 1 passed in 2.00s" in summary and "FAILED tests/test_gpu.py::test_b - AssertionError" in summary
-    assert "| check | ok |" in summary and "| bench | ok |" in summary
+    assert "| check | ok |" in summary and "| varlen | ok |" in summary and "| bench | ok |" in summary
+    assert "--device cuda --rounds 2" in log and "| alibi | fwd | packed |" in log
     assert "gpu-check: FAILED (tests)" in summary and "gpu-check: FAILED (tests)" in log
     assert "FAILED tests/test_gpu.py::test_b" in log  # pytest's summary is shown, its full log kept
     returned = sorted(p.name for p in out_dir.iterdir())
     assert returned == sorted(["gpu_bench_nvidia-h200.csv", "gpu_bench_nvidia-h200.md", "gpu_bench_nvidia-h200.png",
                                "gpu_build_nvidia-h200.log", "gpu_check_nvidia-h200.log", "gpu_check_nvidia-h200.md",
-                               "gpu_tests_nvidia-h200.log"])
+                               "gpu_tests_nvidia-h200.log", "varlen_cuda_nvidia-h200.md"])
+    assert len(returned) <= 8  # what the device tool brings back
 
 
 def test_failed_cuda_build_is_loud_and_the_triton_part_still_runs(tmp_path):
