@@ -279,7 +279,7 @@ torch.nn.functional.linear torch.nn.functional.one_hot torch.nn.functional.pad
 torch.nn.functional.scaled_dot_product_attention torch.nn.functional.softmax torch.nn.init torch.nn.init.normal_
 torch.nn.init.zeros_ torch.nn.utils torch.nn.utils.clip_grad_norm_ torch.no_grad torch.nonzero torch.ones
 torch.ones_like torch.ops torch.optim torch.optim.AdamW torch.polar torch.rand torch.randint torch.randn
-torch.randn_like torch.set_num_threads torch.sin torch.softmax torch.stack torch.tensor torch.testing
+torch.randn_like torch.repeat_interleave torch.set_num_threads torch.sin torch.softmax torch.stack torch.tensor torch.testing
 torch.testing.assert_close torch.uint8 torch.utils torch.utils._python_dispatch.TorchDispatchMode
 torch.utils._python_dispatch._disable_current_modes torch.utils._pytree torch.utils._pytree.tree_leaves
 torch.utils.cpp_extension.BuildExtension torch.utils.cpp_extension.BuildExtension.with_options
@@ -292,6 +292,7 @@ torch.where torch.zeros torch.zeros_like
 # torch <= 2.0 except itemsize (2.1).
 TENSOR_API_IN_2_11 = frozenset("""
 abs abs_ absolute add add_ addcmul_ addmm all allclose amax amin any argmax argmin backward bfloat16 bitwise_and
+broadcast_to diff ravel uniform_
 bitwise_or bmm bool byte ceil char chunk clamp clamp_ clamp_min clone contiguous copy_ cos cpu cuda cummax cumprod
 cumsum data data_ptr detach device diag diagonal dim div div_ dot double dtype element_size eq equal exp exp2 exp_
 expand expand_as fill_ flatten flip float float_power floor fmod frac gather ge grad grad_fn gt half imag index
