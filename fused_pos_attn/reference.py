@@ -79,17 +79,23 @@ def position_bias(pq: torch.Tensor, pk: torch.Tensor, position: ResolvedPosition
     return None
 
 
+def sequence_spec(spec: AttentionSpec, s: int, position: Optional[ResolvedPosition] = None) -> AttentionSpec:
+    """The dense spec of packed sequence s alone: its offsets and its row of ALiBi slopes (of position, default
+    spec.position)."""
+    position = spec.position if position is None else position
+    if position.slopes is not None:
+        position = dataclasses.replace(position, slopes=position.slopes[s:s + 1])
+    return dataclasses.replace(spec, q_offset=spec.q_offset[s:s + 1], k_offset=spec.k_offset[s:s + 1],
+                               position=position, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                               max_seqlen_k=0)
+
+
 def packed_sequences(spec: AttentionSpec) -> Iterator[tuple[slice, slice, AttentionSpec]]:
-    """For a packed spec: per sequence s, (its query rows, its key rows, the dense spec of that sequence
-    alone), read from cu_seqlens on the host."""
+    """For a packed spec: per sequence s, (its query rows, its key rows, sequence_spec(spec, s)), read from
+    cu_seqlens on the host."""
     starts_q, starts_k = spec.cu_seqlens_q.tolist(), spec.cu_seqlens_k.tolist()
     for s in range(spec.num_sequences):
-        slopes = spec.position.slopes
-        position = spec.position if slopes is None else dataclasses.replace(spec.position, slopes=slopes[s:s + 1])
-        alone = dataclasses.replace(spec, q_offset=spec.q_offset[s:s + 1], k_offset=spec.k_offset[s:s + 1],
-                                    position=position, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                                    max_seqlen_k=0)
-        yield slice(starts_q[s], starts_q[s + 1]), slice(starts_k[s], starts_k[s + 1]), alone
+        yield slice(starts_q[s], starts_q[s + 1]), slice(starts_k[s], starts_k[s + 1]), sequence_spec(spec, s)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,

@@ -21,7 +21,7 @@ import torch
 from fused_pos_attn import ALiBi, RelativeBias, RoPE
 from fused_pos_attn.backends import cpu_backend, native
 from fused_pos_attn.positions import as_position_scheme
-from fused_pos_attn.reference import attention_reference
+from fused_pos_attn.reference import attention_reference, sequence_spec
 from fused_pos_attn.spec import AttentionSpec
 from tolerance import assert_close_to_reference
 
@@ -101,12 +101,8 @@ def make_packed(scheme, lengths_q, lengths_k=None, heads=2, kv_heads=1, head_dim
 
 
 def alone(p: Packed, s: int, position=None) -> AttentionSpec:
-    """The dense spec of sequence s alone: its offsets, its row of ALiBi slopes."""
-    position = position or p.spec.position
-    if position.slopes is not None:
-        position = dataclasses.replace(position, slopes=position.slopes[s:s + 1])
-    return AttentionSpec(causal=p.spec.causal, scale=p.spec.scale, window=p.spec.window,
-                         q_offset=p.spec.q_offset[s:s + 1], k_offset=p.spec.k_offset[s:s + 1], position=position)
+    """The dense spec of sequence s alone (reference.sequence_spec): its offsets, its row of ALiBi slopes."""
+    return sequence_spec(p.spec, s, position)
 
 
 def run_packed(backend, p: Packed, rel_grad: bool = True) -> tuple:

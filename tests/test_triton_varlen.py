@@ -197,7 +197,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_matches_each_sequencealone(case, checked_launches):
+def test_packed_matches_each_sequence_alone(case, checked_launches):
     p = CASES[case]()
     rel_grad = p.spec.position.kind == "relative"
     got = _run_packed(p, rel_grad)
