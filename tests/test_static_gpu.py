@@ -43,7 +43,8 @@ takes 1-6 s on the 2-core dev machine (RoPE the slowest; a config that spills ca
   with the schemes whose tiles are largest rather than with all five.
 - STATIC_CHECK_FULL=1 (`make static-check-full`): HEAD_DIM 32/64/80/128/256 (80 is padded to BLOCK_D
   128) x the base schemes plus rope D/4, each in FULL_PROFILES: fp16 causal (rotate-half), bf16
-  non-causal (interleaved, relative without the table gradient), bf16 causal with a window (rotate-half). Run it after changing a kernel or a config list: HEAD_DIM 80 with full rotary once spilled in a
+  non-causal (interleaved, relative without the table gradient), bf16 causal with a window in the packed
+  (varlen) layout (rotate-half). Run it after changing a kernel or a config list: HEAD_DIM 80 with full rotary once spilled in a
   dK/dV config that was clean at 128 (M16 N32 on sm_90), so the default matrix does not stand in for it.
 Compile counts and wall times are in bench/results/static_check*.md.
 
@@ -154,7 +155,7 @@ DEFAULT_EXTRA_VARIANTS = (
 DEFAULT_HEAD_DIMS = (64, 128, 256)
 FULL_SCHEMES = BASE_VARIANTS + (Variant("rope", rotary=0.25),)
 FULL_PROFILES = (dict(), dict(dtype="bf16", causal=False, interleaved=True, rel_grad=False, dlse=True),
-                 dict(dtype="bf16", window=True))
+                 dict(dtype="bf16", window=True, varlen=True))
 FULL_HEAD_DIMS = (32, 64, 80, 128, 256)
 
 

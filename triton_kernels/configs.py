@@ -5,9 +5,11 @@ for every variant of the schemes that use the list (RoPE's rotation and partial-
 relative bias gather and table gradient, need more registers, so those schemes get their own lists where
 the shared ones spill). `pos` is the scheme name: "none", "alibi", "rope" or "relative".
 
-Shapes are (BLOCK_M, BLOCK_N, num_warps, num_stages). The notes say which variant spilled in a dropped
-shape (bench/results/static_check*.md has every compile). Where no shape with BLOCK_N >= 32 was clean on
-both Triton versions, the list keeps the one that was.
+Shapes are (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]). The notes say which variant spilled in a
+dropped shape (bench/results/static_check*.md has every compile). Where no shape with BLOCK_N >= 32 was clean on
+both Triton versions, the list keeps the one that was. maxnreg 255 (MAX_REGISTERS) lifts ptxas's own cap: left to
+itself, ptxas gave some 8-warp RoPE kernels 128 registers per thread (two blocks per SM) and spilled 12-168 bytes
+rather than use more; with the cap lifted the same shapes compile with 150-255 registers and no spill.
 """
 import triton
 
@@ -22,8 +24,12 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+MAX_REGISTERS = 255  # per thread, the hardware limit
+
+
 def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [triton.Config({"BLOCK_M": shape[0], "BLOCK_N": shape[1]}, num_warps=shape[2], num_stages=shape[3],
+                          maxnreg=shape[4] if len(shape) > 4 else None) for shape in shapes]
 
 
 def forward_configs(block_d: int, pos: str) -> list:
@@ -31,7 +37,7 @@ def forward_configs(block_d: int, pos: str) -> list:
     if block_d <= 64 and pos == "relative":  # M64 N64 w4 spills (sm_90), M128 N64 too (bf16 window)
         shapes = [(128, 32, 8, 3), (64, 32, 4, 4)]
     elif block_d <= 64 and pos == "rope":  # 3 and 4 stages spill (bf16), as do M64 N32 and M128 N32
-        shapes = [(128, 64, 8, 2)]
+        shapes = [(128, 64, 8, 2, MAX_REGISTERS)]  # capped at 128 registers: D 32 interleaved rotary D/2 spilled
     elif block_d <= 64:
         shapes = [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 4)]
     elif block_d <= 128 and pos == "rope":  # M64 N64 spills under Triton 3.6 (full rotary, sm_80)
@@ -42,8 +48,8 @@ def forward_configs(block_d: int, pos: str) -> list:
         shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
     elif pos == "rope" and LEGACY_TRITON:  # M32 spills under 3.6 (full rotary), M16 under 3.9 (half rotary)
         shapes = [(16, 32, 8, 2), (16, 32, 8, 3)]
-    elif pos == "rope":
-        shapes = [(32, 16, 8, 2), (32, 16, 8, 3)]
+    elif pos == "rope":  # capped at 128 registers, M32 N16 spilled (rotary D/4 and D/2)
+        shapes = [(32, 16, 8, 2, MAX_REGISTERS), (32, 16, 8, 3, MAX_REGISTERS)]
     elif pos == "relative":  # M64 N32 spills (bf16 window, sm_90)
         shapes = [(64, 16, 8, 2)]
     else:
@@ -59,8 +65,8 @@ def backward_dkdv_configs(block_d: int, pos: str) -> list:
         shapes = [(32, 32, 8, 2), (32, 16, 8, 3)]
     elif block_d <= 64:
         shapes = [(64, 16, 8, 3), (64, 32, 8, 3)]
-    elif block_d <= 128 and pos == "rope":  # M32 N32 spills (interleaved D/4), M16 N32 too (full rotary, sm_90)
-        shapes = [(32, 16, 8, 2)]
+    elif block_d <= 128 and pos == "rope":  # M32 N32 spills (interleaved D/4); M32 N16 at 2 stages too, even
+        shapes = [(32, 16, 8, 1, MAX_REGISTERS), (16, 32, 8, 2, MAX_REGISTERS)]  # uncapped (Triton 3.9, sm_80)
     elif block_d <= 128 and pos == "relative":  # M32 N32 at 2 stages spills (128 buckets, bf16 window)
         shapes = [(32, 16, 8, 2), (32, 32, 8, 1)]
     elif block_d <= 128:  # M16 N32 spills (bf16 non-causal, Triton 3.6)
@@ -85,11 +91,11 @@ def backward_dq_configs(block_d: int, pos: str) -> list:
     elif block_d <= 64:
         shapes = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
     elif block_d <= 128 and pos == "rope":  # M64 N32 spills under 3.6 (full and half rotary, sm_80)
-        shapes = [(64, 16, 8, 1), (32, 16, 8, 2)]
+        shapes = [(64, 16, 8, 1), (32, 16, 8, 2, MAX_REGISTERS)]  # capped at 128 registers: D 80 spilled
     elif block_d <= 128:
         shapes = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2)]
-    elif pos == "rope":  # 1 stage spills (interleaved D/4, Triton 3.6, sm_90)
-        shapes = [(32, 32, 8, 2), (32, 32, 8, 3)]
+    elif pos == "rope":  # M32 spills at 255 registers (interleaved, bf16, Triton 3.9), 1 stage under 3.6
+        shapes = [(16, 32, 8, 2, MAX_REGISTERS), (16, 32, 8, 3, MAX_REGISTERS)]
     else:
         shapes = [(32, 32, 8, 1)]
     return _configs(shapes)
