@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends
+from .ops import fused_attention_op
 from .positions import PositionArg, as_position_scheme
 from .reference import attention_reference
 from .spec import AttentionSpec
@@ -14,35 +15,6 @@ from .spec import AttentionSpec
 OffsetArg = Optional[Union[int, torch.Tensor]]
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class FusedAttentionFunction(torch.autograd.Function):
-    """Autograd over a kernel backend: forward keeps (q, k, v, out, lse); backward recomputes scores.
-
-    Both outputs are differentiable: a gradient reaching lse (B, Hq, Nq) enters the kernels' backward as
-    delta = rowsum(dO * O) - dLSE, so partial attentions merged by their LSE train end to end. rel_table is
-    spec.position.rel_table (the relative scheme's (Hq, num_buckets) fp32 bucket table, or None), passed as
-    an input so its gradient flows back to the user's table; the kernels compute it only when it is needed.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, rel_table, spec: AttentionSpec, backend):
-        out, lse = backend.forward(q, k, v, spec)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.backend = spec, backend
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:  # only lse was used
-            grad_out = torch.zeros_like(out)
-        if grad_lse is not None:
-            grad_lse = grad_lse.to(lse.dtype).contiguous()
-        rel_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, d_rel_table = ctx.backend.backward(grad_out, grad_lse, q, k, v, out, lse, ctx.spec, rel_grad)
-        return dq, dk, dv, d_rel_table, None, None
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: PositionArg = "none", *,
@@ -76,7 +48,12 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
     q_off = check_offsets(q_offset, "q_offset", batch, q.device, default=None)
     if q_off is None:
         q_off = k_off + (seq_k - seq_q)
-    length = current_length(scheme, q_off, k_off, seq_q, seq_k, fallback=max(seq_q, seq_k))
+    if _is_int(k_offset, True) and _is_int(q_offset, True):  # the length without reading a tensor
+        k_start = k_offset or 0
+        length = current_length(scheme, k_start + seq_k - seq_q if q_offset is None else q_offset, k_start, seq_q,
+                                seq_k, fallback=max(seq_q, seq_k))
+    else:
+        length = current_length(scheme, q_off, k_off, seq_q, seq_k, fallback=max(seq_q, seq_k))
     position = scheme.resolve(batch, num_heads, head_dim, length, q.device, causal=causal)
     spec = AttentionSpec(causal=causal, scale=check_scale(scale, head_dim),
                          window=check_window(window), q_offset=q_off, k_offset=k_off, position=position)
@@ -86,15 +63,15 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, backend: str,
            return_lse: bool):
     """Run a validated call on the chosen backend (q, k, v 4-D in spec's layout): out, and lse when
-    return_lse. The dense reference is differentiable through autograd, kernel backends through
-    FusedAttentionFunction."""
+    return_lse. The dense reference is differentiable through autograd, kernel backends through the custom op
+    fused_pos_attn::fused_attention (ops.py), which torch.compile traces as one node."""
     check_bool(return_lse, "return_lse")
     chosen = backends.select(backend, q)
     if chosen is None:
         out, lse = attention_reference(q, k, v, spec, upcast=False)
         out, lse = out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     else:
-        out, lse = FusedAttentionFunction.apply(q, k, v, spec.position.rel_table, spec, chosen)
+        out, lse = fused_attention_op(q, k, v, spec, chosen.NAME)
     return (out, lse) if return_lse else out
 
 
@@ -163,13 +140,22 @@ def check_offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
     raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
-def current_length(scheme, q_off: torch.Tensor, k_off: torch.Tensor, len_q: Union[int, torch.Tensor],
-                   len_k: Union[int, torch.Tensor], fallback: int) -> int:
+def _is_int(value, none_ok: bool = False) -> bool:
+    """A Python int (torch.SymInt under torch.compile's dynamic shapes), not a bool; or None when none_ok."""
+    return (value is None and none_ok) or (isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool))
+
+
+def current_length(scheme, q_off: Union[int, torch.Tensor], k_off: Union[int, torch.Tensor],
+                   len_q: Union[int, torch.Tensor], len_k: Union[int, torch.Tensor], fallback: int) -> int:
     """The call's largest absolute position + 1, max over b of max(q_off[b] + len_q[b], k_off[b] + len_k[b])
-    (lengths: ints, or per-sequence tensors), for schemes whose parameters depend on it (RoPE with
-    DynamicNTK). Reading it is a device sync, so other schemes get `fallback`, which they ignore."""
+    (offsets and lengths: ints, or per-sequence tensors), for schemes whose parameters depend on it (RoPE with
+    DynamicNTK). Other schemes get `fallback`, which they ignore. From ints it is Python arithmetic (symbolic
+    under torch.compile's dynamic shapes: no graph break, no compilation per length); from tensors it is read
+    back: a device sync, and under torch.compile a graph break (the frequencies depend on the value)."""
     if not getattr(scheme, "length_dependent", False):
         return fallback
+    if all(_is_int(value) for value in (q_off, k_off, len_q, len_k)):
+        return max(q_off + len_q, k_off + len_k)
     return int(torch.maximum(q_off + len_q, k_off + len_k).max())
 
 

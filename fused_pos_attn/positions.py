@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from .rope_scaling import DynamicNTK, Linear, Llama3, RopeScaling, YaRN, yarn_mscale
+from .rope_scaling import DynamicNTK, Linear, Llama3, LongRoPE, RopeScaling, YaRN, yarn_mscale
 
 NONE, ALIBI_KIND, ROPE_KIND, RELATIVE_KIND = "none", "alibi", "rope", "relative"
 
@@ -48,18 +48,11 @@ class ResolvedPosition:
     rel_buckets: Optional[torch.Tensor] = None
     max_distance: int = 0
     bidirectional: bool = False
-    bucket_runs: Optional["_BucketRuns"] = None  # rel_buckets as runs of distances, for the gradient fold
 
     @property
     def num_buckets(self) -> int:
         """Number of T5 buckets (columns of rel_table); 0 for other schemes."""
         return 0 if self.rel_table is None else self.rel_table.shape[1]
-
-    def rel_bias_grad_to_table(self, d_rel_bias: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. rel_bias (Hq, 2, max_distance + 1) -> gradient w.r.t. rel_table (Hq, num_buckets)
-        fp32: each bucket sums the distance entries that map to it. Deterministic (a scan and a small
-        matmul, no atomics) and free of host synchronization."""
-        return self.bucket_runs.fold(d_rel_bias)
 
 
 class PositionScheme:
@@ -101,9 +94,19 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-# Per-device copies of the small host-side vectors, so a call on a CUDA device makes no host-to-device copy
-# (and can be captured in a CUDA graph) once the same parameters have been seen on that device.
-@functools.lru_cache(maxsize=64)
+def _cached_per_device(build):
+    """build, cached per arguments (a device among them) in eager mode: a call on a CUDA device then makes no
+    host-to-device copy (and can be captured in a CUDA graph) once the same parameters have been seen on that
+    device. Under torch.compile build itself is traced (its small tensors become constants of the graph)."""
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    @functools.wraps(build)
+    def lookup(*args):
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+    return lookup
+
+
+@_cached_per_device
 def _default_slopes_on(num_heads: int, device: torch.device) -> torch.Tensor:
     return alibi_slopes(num_heads).to(device)
 
@@ -171,6 +174,20 @@ class ALiBi(PositionScheme):
         return f"ALiBi(slopes={'default' if self.slopes is None else tuple(self.slopes.shape)})"
 
 
+# RoPE.from_hf: the rope_parameters keys each transformers rope type may carry (beyond HF_ROPE_COMMON_KEYS).
+HF_ROPE_COMMON_KEYS = ["rope_type", "type", "rope_theta", "partial_rotary_factor"]
+HF_ROPE_KEYS = {
+    "default": [],
+    "linear": ["factor"],
+    "dynamic": ["factor"],
+    "yarn": ["factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
+             "original_max_position_embeddings"],
+    "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+    "longrope": ["short_factor", "long_factor", "factor", "attention_factor", "original_max_position_embeddings"],
+}
+INTERLEAVED_HF_MODELS = ("gptj", "codegen")  # model types whose rotary pairs are (2i, 2i + 1)
+
+
 class RoPE(PositionScheme):
     """Rotary position embedding applied in-kernel to q at pq(i) and k at pk(j); v is never rotated.
 
@@ -182,8 +199,9 @@ class RoPE(PositionScheme):
             context-extension scaling is such a vector plus an attention factor.
         attention_factor: multiplies cos and sin; logits scale by its square. With a scaling, the
             scaling's own factor (YaRN's mscale) is multiplied into it.
-        scaling: None or a context-extension scaling (Linear, NTK, DynamicNTK, YaRN, Llama3) that computes
-            inv_freq and an attention factor from theta, rotary_dim and, for DynamicNTK, the call's length.
+        scaling: None or a context-extension scaling (Linear, NTK, DynamicNTK, YaRN, Llama3, LongRoPE) that
+            computes inv_freq and an attention factor from theta, rotary_dim and, for DynamicNTK and LongRoPE,
+            the call's length.
             Exclusive with inv_freq.
     """
 
@@ -209,7 +227,7 @@ class RoPE(PositionScheme):
                 raise ValueError("RoPE inv_freq must be finite (found NaN or inf)")
         if scaling is not None:
             if not isinstance(scaling, RopeScaling):
-                raise TypeError(f"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN or Llama3 object, "
+                raise TypeError(f"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN, Llama3 or LongRoPE object, "
                                 f"got {type(scaling).__name__}")
             if inv_freq is not None:
                 raise ValueError("RoPE takes inv_freq or scaling, not both: a scaling computes inv_freq from theta")
@@ -222,22 +240,28 @@ class RoPE(PositionScheme):
 
     @classmethod
     def from_hf(cls, config) -> "RoPE":
-        """The RoPE of a Hugging Face transformers model config (Llama, Qwen2, Mistral, ...), rotate-half.
+        """The RoPE of a Hugging Face transformers model config (Llama, Mistral, Qwen2/3, Phi-3, GPT-NeoX, GPT-J, ...).
 
         config: a transformers config object or its dict (config.json). Keys read, by attribute or item:
         - `rope_parameters` (transformers >= 5) or else `rope_scaling` (older): a dict with `rope_type` (or
-          `type`) in "default", "linear", "dynamic", "yarn", "llama3" and that type's keys: `factor`;
-          `low_freq_factor`, `high_freq_factor` (llama3); `beta_fast`, `beta_slow`, `attention_factor`,
-          `mscale`, `mscale_all_dim`, `truncate` (yarn); `original_max_position_embeddings` (yarn,
-          llama3; else the config's own `original_max_position_embeddings`, else `max_position_embeddings`);
-          `rope_theta` and `partial_rotary_factor` may sit here too. None or {} means "default".
+          `type`) in "default", "linear", "dynamic", "yarn", "llama3", "longrope" and that type's keys
+          (HF_ROPE_KEYS): `factor`; `low_freq_factor`, `high_freq_factor` (llama3); `beta_fast`, `beta_slow`,
+          `attention_factor`, `mscale`, `mscale_all_dim`, `truncate` (yarn); `short_factor`, `long_factor`,
+          `attention_factor` (longrope); `original_max_position_embeddings` (yarn, llama3, longrope; the
+          config's own key wins, else `max_position_embeddings`); `rope_theta` and `partial_rotary_factor` may
+          sit here too. None or {} means "default". A key outside the type's list raises ValueError, so a
+          config is never silently read as a different rotation.
         - `rope_theta` (default 10000) and `partial_rotary_factor` (default 1) when not in that dict.
-        - `head_dim`, or else `hidden_size // num_attention_heads`: rotary_dim = int(head_dim * partial).
+        - `head_dim`, or else `hidden_size // num_attention_heads` (`n_embd // n_head` for GPT-J):
+          rotary_dim = int(head_dim * partial_rotary_factor), or the config's `rotary_dim` where it has one
+          (GPT-J; None there means the whole head).
+        - `model_type`: "gptj" and "codegen" rotate interleaved pairs (2i, 2i + 1) (rotate-every-two); every
+          other model rotate-half.
         - `max_position_embeddings`: dynamic's original length (as in transformers), yarn's factor when
-          it is null (max_position_embeddings / original_max_position_embeddings).
+          it is null (max_position_embeddings / original_max_position_embeddings), longrope's factor likewise.
         YaRN's `attention_factor` wins; else `mscale` and `mscale_all_dim` (both non-zero) give
         yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all_dim); else the default 0.1*ln(s) + 1.
-        Other rope types (longrope, per-layer dicts, ...) raise ValueError naming them.
+        Other rope types and per-layer dicts raise ValueError naming them.
         """
         def get(source, key, default=None):
             value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
@@ -250,18 +274,28 @@ class RoPE(PositionScheme):
             raise ValueError(f"RoPE.from_hf: per-layer rope_parameters {sorted(params)} are not supported; "
                              f"build one RoPE per layer type")
         rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in HF_ROPE_KEYS:
+            raise ValueError(f"RoPE.from_hf: unsupported rope_type {rope_type!r}; supported: "
+                             f"{', '.join(HF_ROPE_KEYS)}")
+        unknown = sorted(set(params) - set(HF_ROPE_KEYS[rope_type]) - set(HF_ROPE_COMMON_KEYS))
+        if unknown:
+            raise ValueError(f"RoPE.from_hf: rope_parameters keys {unknown} are not understood for rope_type "
+                             f"{rope_type!r} (known: {sorted(HF_ROPE_COMMON_KEYS + HF_ROPE_KEYS[rope_type])})")
         theta = params.get("rope_theta", get(config, "rope_theta", 10000.0))
         partial = params.get("partial_rotary_factor", get(config, "partial_rotary_factor", 1.0))
         head_dim = get(config, "head_dim")
         if head_dim is None:
-            hidden, heads = get(config, "hidden_size"), get(config, "num_attention_heads")
+            hidden = get(config, "hidden_size", get(config, "n_embd"))
+            heads = get(config, "num_attention_heads", get(config, "n_head"))
             if hidden is None or heads is None:
                 raise ValueError("RoPE.from_hf: config needs head_dim, or hidden_size and num_attention_heads")
             head_dim = hidden // heads
-        rotary_dim = int(head_dim * partial)
-        if rotary_dim <= 0 or rotary_dim % 2:
-            raise ValueError(f"RoPE.from_hf: rotary dim int(head_dim * partial_rotary_factor) = int({head_dim} * "
-                             f"{partial}) = {rotary_dim} must be a positive even int")
+        rotary_dim = get(config, "rotary_dim", int(head_dim * partial))
+        if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"RoPE.from_hf: rotary dim {rotary_dim} (config rotary_dim, or int(head_dim * "
+                             f"partial_rotary_factor) = int({head_dim} * {partial})) must be a positive even int <= "
+                             f"head_dim {head_dim}")
+        interleaved = get(config, "model_type") in INTERLEAVED_HF_MODELS
 
         def need(key):
             if params.get(key) is None:
@@ -277,6 +311,10 @@ class RoPE(PositionScheme):
             value = get(config, "original_max_position_embeddings", params.get("original_max_position_embeddings"))
             return int(value if value is not None else need_config("max_position_embeddings"))
 
+        def factor_or_ratio(original):  # yarn, longrope: a null factor is max_position_embeddings / original
+            factor = params.get("factor")
+            return need_config("max_position_embeddings") / original if factor is None else factor
+
         if rope_type == "default":
             scaling = None
         elif rope_type == "linear":
@@ -285,21 +323,20 @@ class RoPE(PositionScheme):
             scaling = DynamicNTK(need("factor"), int(need_config("max_position_embeddings")))
         elif rope_type == "llama3":
             scaling = Llama3(need("factor"), need("low_freq_factor"), need("high_freq_factor"), original_len())
-        elif rope_type == "yarn":
+        elif rope_type == "longrope":
             original = original_len()
-            factor = params.get("factor")
-            if factor is None:
-                factor = need_config("max_position_embeddings") / original
+            scaling = LongRoPE(need("short_factor"), need("long_factor"), original, factor_or_ratio(original),
+                               params.get("attention_factor"))
+        else:  # yarn
+            original = original_len()
+            factor = factor_or_ratio(original)
             mscale = params.get("attention_factor")
             if mscale is None and params.get("mscale") and params.get("mscale_all_dim"):
                 mscale = yarn_mscale(factor, params["mscale"]) / yarn_mscale(factor, params["mscale_all_dim"])
             scaling = YaRN(factor, original, beta_fast=params.get("beta_fast") or 32,
                            beta_slow=params.get("beta_slow") or 1, mscale=mscale,
                            truncate=params.get("truncate", True))
-        else:
-            raise ValueError(f"RoPE.from_hf: unsupported rope_type {rope_type!r}; supported: default, linear, "
-                             f"dynamic, yarn, llama3")
-        return cls(theta=float(theta), rotary_dim=rotary_dim, scaling=scaling)
+        return cls(theta=float(theta), rotary_dim=rotary_dim, interleaved=interleaved, scaling=scaling)
 
     @property
     def length_dependent(self) -> bool:
@@ -363,47 +400,32 @@ def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets:
     return buckets + torch.where(distance < max_exact, distance, far)
 
 
-class _BucketRuns:
-    """The bucket map of a distance table as runs: T5 buckets are non-decreasing in the distance on each
-    side, so every bucket covers one run of consecutive distances per side. fold() sums a gradient over
-    each run with a prefix sum and maps runs to buckets with a (runs, num_buckets) one-hot matmul.
-
-    side, start, end: (S,) int64, run s covers rel_bias[:, side[s], start[s]:end[s]]; one_hot (S, NB) fp64.
-    """
-
-    def __init__(self, buckets: torch.Tensor, num_buckets: int):
-        """buckets: (2, max_distance + 1) int64 on the CPU."""
-        length = buckets.shape[1]
-        side, start, end = [], [], []
-        for row in range(2):
-            change = torch.nonzero(buckets[row, 1:] != buckets[row, :-1]).flatten() + 1  # first index of a run
-            start.append(torch.cat((torch.zeros(1, dtype=torch.int64), change)))
-            end.append(torch.cat((change, torch.full((1,), length, dtype=torch.int64))))
-            side.append(torch.full_like(start[-1], row))
-        self.side, self.start, self.end = torch.cat(side), torch.cat(start), torch.cat(end)
-        self.one_hot = torch.nn.functional.one_hot(buckets[self.side, self.start], num_buckets).to(torch.float64)
-
-    def to(self, device: torch.device) -> "_BucketRuns":
-        moved = object.__new__(_BucketRuns)
-        moved.side, moved.start, moved.end, moved.one_hot = (
-            t.to(device) for t in (self.side, self.start, self.end, self.one_hot))
-        return moved
-
-    def fold(self, d_rel_bias: torch.Tensor) -> torch.Tensor:
-        """(Hq, 2, max_distance + 1) -> (Hq, num_buckets) fp32, summed in fp64."""
-        prefix = torch.nn.functional.pad(d_rel_bias.to(torch.float64).cumsum(-1), (1, 0))  # (Hq, 2, D + 2)
-        run_sums = prefix[:, self.side, self.end] - prefix[:, self.side, self.start]  # (Hq, S)
-        return (run_sums @ self.one_hot).to(torch.float32)
-
-
-@functools.lru_cache(maxsize=64)
-def _bucket_layout(max_distance: int, num_buckets: int, bidirectional: bool,
-                   device: torch.device) -> tuple[torch.Tensor, _BucketRuns]:
-    """(rel_buckets (2, max_distance + 1) int32 on device, its runs), computed once per parameters and
-    device: row 0 holds keys at or before the query (pk - pq = -distance), row 1 keys after it."""
+@_cached_per_device
+def _bucket_layout(max_distance: int, num_buckets: int, bidirectional: bool, device: torch.device) -> torch.Tensor:
+    """rel_buckets (2, max_distance + 1) int32 on device, computed once per parameters and device: row 0 holds
+    keys at or before the query (pk - pq = -distance), row 1 keys after it."""
     distance = torch.arange(max_distance + 1, dtype=torch.int64)
     buckets = t5_bucket(torch.stack((-distance, distance)), bidirectional, num_buckets, max_distance)
-    return buckets.to(device=device, dtype=torch.int32).contiguous(), _BucketRuns(buckets, num_buckets).to(device)
+    return buckets.to(device=device, dtype=torch.int32).contiguous()
+
+
+def fold_distance_grad(d_rel_bias: torch.Tensor, rel_buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Gradient w.r.t. rel_bias (Hq, 2, max_distance + 1) -> gradient w.r.t. the (Hq, num_buckets) table, fp32:
+    each bucket sums the distance entries that map to it (the chain rule through rel_bias = table[:, rel_buckets]).
+
+    T5 buckets are non-decreasing in the distance on each side, so bucket b covers one run of distances per
+    side, [searchsorted(b), searchsorted(b, right)), summed as a difference of fp64 prefix sums. Deterministic
+    (no atomics), O(size), free of host synchronization and of data-dependent shapes (torch.compile traces it).
+    """
+    prefix = torch.nn.functional.pad(d_rel_bias.to(torch.float64).cumsum(-1), (1, 0))  # (Hq, 2, D + 2)
+    sorted_buckets = rel_buckets.to(torch.int64)  # (2, D + 1), each row non-decreasing
+    bucket_ids = torch.arange(num_buckets, device=rel_buckets.device).expand(2, num_buckets).contiguous()
+    start = torch.searchsorted(sorted_buckets, bucket_ids)  # (2, num_buckets) first distance of each run
+    end = torch.searchsorted(sorted_buckets, bucket_ids, right=True)
+    heads = prefix.shape[0]
+    run_sums = prefix.gather(-1, end.expand(heads, 2, num_buckets)) - prefix.gather(-1, start.expand(heads, 2,
+                                                                                                       num_buckets))
+    return run_sums.sum(1).to(torch.float32)
 
 
 class RelativeBias(PositionScheme):
@@ -421,9 +443,9 @@ class RelativeBias(PositionScheme):
     computed in registers. The bucket edges are thus computed once, by the same fp32 formula as the
     reference and transformers, instead of by each backend's own log (once per parameters and device:
     the bucket map `rel_buckets` is cached). The kernels return the gradient of the bucket table itself,
-    or of the distance table folded back through the buckets (`ResolvedPosition.rel_bias_grad_to_table`),
+    or of the distance table folded back through the buckets (`fold_distance_grad`),
     only when the table requires it. A table on the CPU is checked for NaN / inf; a CUDA table is not
-    (the check would synchronize the device on every call).
+    (the check would synchronize the device on every call), nor is any table under torch.compile.
     """
 
     def __init__(self, table: torch.Tensor, max_distance: int = 128, bidirectional: Optional[bool] = None):
@@ -455,16 +477,17 @@ class RelativeBias(PositionScheme):
         if self.max_distance <= max_exact:
             raise ValueError(f"RelativeBias max_distance must exceed the exact-bucket range {max_exact} "
                              f"(num_buckets // {4 if bidirectional else 2}), got {self.max_distance}")
-        # Checked only where it costs no device synchronization: a CUDA call stays sync-free (and capturable
-        # in a CUDA graph); a NaN in a CUDA table propagates to the output as NaN, as in any layer.
-        if self.table.device.type == "cpu" and not torch.isfinite(self.table.detach()).all():
+        # Checked only where it costs no device synchronization and no graph break: a CUDA call stays sync-free
+        # (and capturable in a CUDA graph), a compiled one traceable; a NaN there propagates to the output as
+        # NaN, as in any layer.
+        if self.table.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not torch.isfinite(self.table.detach()).all():
             raise ValueError("RelativeBias table must be finite (found NaN or inf)")
         table = self.table.to(device=device, dtype=torch.float32)
-        buckets, runs = _bucket_layout(self.max_distance, num_buckets, bidirectional, device)
+        buckets = _bucket_layout(self.max_distance, num_buckets, bidirectional, device)
         rel_bias = table.detach()[:, buckets.long()].contiguous()  # (Hq, 2, max_distance + 1)
         return ResolvedPosition(RELATIVE_KIND, rel_table=table, rel_bias=rel_bias, rel_buckets=buckets,
-                                max_distance=self.max_distance, bidirectional=bidirectional,
-                                bucket_runs=runs)
+                                max_distance=self.max_distance, bidirectional=bidirectional)
 
     def __repr__(self) -> str:
         return (f"RelativeBias(table={tuple(self.table.shape)}, max_distance={self.max_distance}, "

@@ -2,7 +2,7 @@
 
 Every scaling only changes the (r/2,) inverse-frequency vector and a scalar that multiplies cos and sin
 (../shared/POSITIONS.md, "RoPE"), so the kernels are the same for all of them. The math follows Hugging Face
-transformers' `modeling_rope_utils` (rope types linear, dynamic, yarn, llama3), the oracle of the tests;
+transformers' `modeling_rope_utils` (rope types linear, dynamic, yarn, llama3, longrope), the oracle of the tests;
 it is evaluated in fp64 on the host and rounded once to fp32.
 
     RoPE(theta=5e5, scaling=Llama3(8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192))
@@ -220,3 +220,61 @@ class Llama3(RopeScaling):
         smooth = torch.where(wavelen > L / a, 0.0, torch.where(wavelen < L / b, 1.0, smooth))
         inv_freq = (1 - smooth) * inv_freq / s + smooth * inv_freq
         return inv_freq.to(torch.float32), 1.0
+
+
+class LongRoPE(RopeScaling):
+    """LongRoPE (Phi-3; transformers rope_type "longrope"): per-frequency rescaled frequencies,
+    inv_freq_i = theta^(-2i/r) / ext_i, with ext = long_factor when the call's current length (largest position
+    + 1) exceeds original_max_len and short_factor otherwise; cos and sin are multiplied by attention_factor,
+    by default sqrt(1 + ln(factor) / ln(original_max_len)) (1 for factor <= 1), transformers' default.
+
+    The switch is transformers' per-call rule. Hugging Face's cache keeps each key rotated with the factors of the
+    call that wrote it (Phi-3's generate re-runs the prompt when it crosses the original length, so as not to mix
+    them); fused_attention's cache holds un-rotated keys and every call rotates all of its keys with its own
+    factors, so after the switch the cached keys use the long factors too, exactly as a fresh forward over the
+    whole sequence does.
+
+    Args:
+        short_factor, long_factor: r/2 positive numbers each (a sequence or 1-D tensor).
+        original_max_len: the pretraining length L (transformers' original_max_position_embeddings).
+        factor: the context-extension factor s, used only for the default attention factor (transformers:
+            the `factor` key, else max_position_embeddings / original_max_position_embeddings).
+        attention_factor: None for the default above, else the factor itself.
+    """
+
+    length_dependent = True
+
+    def __init__(self, short_factor, long_factor, original_max_len: int, factor: float = 1.0,
+                 attention_factor: Optional[float] = None):
+        self.short_factor = _check_factors(short_factor, "short_factor")
+        self.long_factor = _check_factors(long_factor, "long_factor")
+        if len(self.short_factor) != len(self.long_factor):
+            raise ValueError(f"LongRoPE short_factor and long_factor must have the same length (rotary_dim / 2), got "
+                             f"{len(self.short_factor)} and {len(self.long_factor)}")
+        self.original_max_len = _check_length(original_max_len, "original_max_len", "LongRoPE")
+        self.factor = _check_number(factor, "factor", "LongRoPE")
+        self.attention_factor = (None if attention_factor is None
+                                 else _check_number(attention_factor, "attention_factor", "LongRoPE"))
+
+    def frequencies(self, theta, rotary_dim, seq_len):
+        factors = self.long_factor if seq_len > self.original_max_len else self.short_factor
+        if len(factors) != rotary_dim // 2:
+            raise ValueError(f"LongRoPE factors have {len(factors)} entries, but rotary_dim {rotary_dim} needs "
+                             f"rotary_dim / 2 = {rotary_dim // 2}")
+        inv_freq = _base_inv_freq(theta, rotary_dim) / torch.tensor(factors, dtype=torch.float64)
+        if self.attention_factor is not None:
+            scale = self.attention_factor
+        elif self.factor <= 1.0:
+            scale = 1.0
+        else:
+            scale = math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_len))
+        return inv_freq.to(torch.float32), scale
+
+
+def _check_factors(values, name: str) -> tuple:
+    """A non-empty sequence (or 1-D tensor) of finite numbers > 0, as a tuple of floats."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+        raise TypeError(f"LongRoPE {name} must be a non-empty sequence of numbers, got {values!r}")
+    return tuple(_check_number(value, name, "LongRoPE") for value in values)

@@ -34,9 +34,10 @@ def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         max_seqlen_q, max_seqlen_k: the longest query / key sequence, Python ints, or None to compute them.
             cu_seqlens and max_seqlen are checked whenever that costs no device sync: always for CPU tensors,
             and on CUDA when a max_seqlen is None (computing it syncs once, and the same read checks
-            everything). With both given on CUDA nothing is read back (as FlashAttention): values
-            inconsistent with cu_seqlens then give wrong rows, but the kernels clamp every sequence into
-            [0, total) and to max_seqlen rows, so they never read or write out of bounds.
+            everything). With both given on CUDA, or under torch.compile, nothing is read back (as
+            FlashAttention): values inconsistent with cu_seqlens then give wrong rows, but the kernels clamp
+            every sequence into [0, total) and to max_seqlen rows, so they never read or write out of bounds.
+            Under torch.compile pass both: computing them reads cu_seqlens on the host, a graph break.
         pos: "none" | "alibi" | "rope" or an ALiBi / RoPE / RelativeBias object. ALiBi slopes may be (Hq,) or
             (S, Hq), one row per sequence (FlashAttention's per-batch slopes).
         causal, scale, window: as fused_attention, within each sequence.
@@ -66,7 +67,7 @@ def fused_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     num_sequences = cu_q.shape[0] - 1
     max_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     max_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    if not (q.is_cuda and max_q is not None and max_k is not None):
+    if not ((q.is_cuda or torch.compiler.is_compiling()) and max_q is not None and max_k is not None):
         max_q = _check_cumulative(cu_q, "cu_seqlens_q", total_q, "total_q = q.shape[0]", max_q, "max_seqlen_q")
         max_k = _check_cumulative(cu_k, "cu_seqlens_k", total_k, "total_k = k.shape[0]", max_k, "max_seqlen_k")
     len_q, len_k = cu_q.diff(), cu_k.diff()  # (S,) int64, no sync

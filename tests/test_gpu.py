@@ -5,8 +5,8 @@ without CUDA; `make gpu-check` runs them (with `pytest -m gpu`).
 Covered: forward and backward of every scheme (relative with its table's gradient) at N = 1k-4k in fp16 and
 bf16, D 64 and 128 (and D 80 for Triton, whose tiles pad it); partial interleaved RoPE and YaRN; causal with a
 window under GQA; non-causal under MQA; the gradient of the returned lse, with rows that see no key; N = 16384
-forward + backward in bounded extra memory; CUDA graph capture of a forward; bitwise-deterministic relative table
-gradients.
+forward + backward in bounded extra memory; CUDA graph capture of a forward and of a training step; torch.compile
+(Inductor with CUDA graphs) of a training step; bitwise-deterministic relative table gradients.
 
 Compile budget (estimated: 2-3 minutes on an H100 with make gpu-check's xdist workers). On a GPU
 every new Triton specialization compiles each autotune config of the kernels it launches (forward 2-3, dK/dV
@@ -240,6 +240,63 @@ def test_cuda_graph_capture_of_forward(backend, scheme):
     torch.cuda.synchronize()
     assert torch.equal(out, expected_out), f"replayed out differs by {(out - expected_out).abs().max().item():.3e}"
     assert torch.equal(lse, expected_lse), f"replayed lse differs by {(lse - expected_lse).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_capture_of_training_step(backend, scheme):
+    """Forward and backward (dq, dk, dv and the relative table's gradient) captured in one CUDA graph, replayed on
+    new inputs, equal an eager step on them bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, grad_out = (torch.randn(2, HEADS, 1024, 64, device="cuda", dtype=torch.float16, generator=gen)
+                         for _ in range(4))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    pos = SCHEMES[scheme]
+    if isinstance(pos, RelativeTable):
+        table = torch.randn(HEADS, pos.num_buckets, device="cuda", generator=gen, requires_grad=True)
+        pos, leaves = RelativeBias(table, pos.max_distance), leaves + [table]
+
+    def step() -> tuple:
+        out = fused_attention(q, k, v, pos, causal=True, backend=backend)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    graph, outputs = capture_graph(step)
+    with torch.no_grad():
+        for t in (q, k, v, grad_out):
+            t.copy_(torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=gen))
+    graph.replay()
+    expected = step()
+    torch.cuda.synchronize()
+    for name, got, want in zip(("out", "dq", "dk", "dv", "d_table"), outputs, expected):
+        assert torch.equal(got, want), f"replayed {name} differs by {(got - want).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "rope_partial_interleaved", "relative"])
+def test_torch_compile_training_step_on_cuda(scheme):
+    """torch.compile(fullgraph=True, mode="reduce-overhead": Inductor with CUDA graphs) of a forward + backward
+    through the Triton kernels equals the eager step."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, HEADS, 1024, 64, device="cuda", dtype=torch.bfloat16, generator=gen,
+                           requires_grad=True) for _ in range(3))
+    pos, leaves = SCHEMES[scheme], [q, k, v]
+    if isinstance(pos, RelativeTable):
+        table = torch.randn(HEADS, pos.num_buckets, device="cuda", generator=gen, requires_grad=True)
+        pos, leaves = RelativeBias(table, pos.max_distance), leaves + [table]
+
+    def forward(q, k, v):
+        return fused_attention(q, k, v, pos, causal=True, return_lse=True)
+
+    def step(attention) -> list:
+        out, lse = attention(q, k, v)
+        grads = torch.autograd.grad((out.float() ** 2).sum() + lse.sum(), leaves)
+        return [t.detach().clone() for t in (out, lse, *grads)]  # CUDA-graph outputs are rewritten by later runs
+
+    compiled = torch.compile(forward, fullgraph=True, mode="reduce-overhead")  # backward compiled by AOTAutograd
+    for _ in range(3):  # warm-up runs, then a run from the recorded CUDA graphs
+        got = step(compiled)
+    expected = step(forward)
+    for name, got_value, want in zip(("out", "lse", "dq", "dk", "dv", "d_table"), got, expected):
+        torch.testing.assert_close(got_value, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def relative_table_gradient(backend: str, seed: int = 0) -> torch.Tensor:

@@ -250,7 +250,8 @@ def test_experiments_write_under_the_current_directory(tmp_path, monkeypatch):
 # use, each checked to exist in torch 2.11 (torch 2.11 cannot be installed here: only 2.13 has a CPU wheel). A
 # name that is in torch <= 2.0 (pytorch's 2.0 sources and docs) and still in 2.13 (here) is in 2.11; the newer
 # ones were checked in the versioned docs: torch.nn.attention.flex_attention (2.5 docs), sdpa_kernel / SDPBackend
-# (2.3 docs), torch.backends.cpu.get_cpu_capability (docs of releases before 2.5). Private names (torch._dynamo,
+# (2.3 docs), torch.backends.cpu.get_cpu_capability (docs of releases before 2.5), torch.library.custom_op /
+# register_fake / opcheck (2.4 docs), torch.compiler.is_compiling (2.3 docs). Private names (torch._dynamo,
 # torch.utils._python_dispatch, torch.utils._pytree) are in the 2.0 sources; benchmarking.py reads
 # torch._dynamo.config's recompile limit under both its names. Keyword arguments were checked by hand:
 # all are in 2.1 or older (SDPA's scale= came in 2.1); include_paths() is called without arguments, as every
@@ -286,6 +287,9 @@ torch.utils.cpp_extension.BuildExtension torch.utils.cpp_extension.BuildExtensio
 torch.utils.cpp_extension.CUDAExtension torch.utils.cpp_extension.CUDA_HOME torch.utils.cpp_extension.CppExtension
 torch.utils.cpp_extension.include_paths torch.version torch.version.cuda torch.view_as_complex torch.view_as_real
 torch.where torch.zeros torch.zeros_like
+torch.SymInt torch._dynamo.explain torch._dynamo.mark_dynamic torch._dynamo.reset torch._dynamo.testing
+torch._dynamo.testing.CompileCounterWithBackend torch.compiler torch.compiler.is_compiling torch.library
+torch.library.custom_op torch.library.opcheck torch.library.register_fake torch.searchsorted
 """.split())
 
 # torch.Tensor methods and properties the code uses or is likely to (any `.name` that is a Tensor attribute), all in

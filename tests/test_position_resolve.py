@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fused_pos_attn import ALiBi, RelativeBias, RoPE, YaRN
+from fused_pos_attn.positions import fold_distance_grad
 
 CPU = torch.device("cpu")
 
@@ -35,13 +36,13 @@ def test_user_vectors_follow_in_place_updates():
 @pytest.mark.parametrize("num_buckets, max_distance", [(32, 128), (8, 5), (32, 50), (16, 1 << 16)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_distance_gradient_folds_onto_bucket_table(num_buckets, max_distance, causal):
-    """rel_bias_grad_to_table sums each bucket's distance entries: the chain rule through
+    """fold_distance_grad sums each bucket's distance entries: the chain rule through
     rel_bias = table[:, rel_buckets], checked against autograd of that gather in fp64."""
     table = torch.randn(3, num_buckets, dtype=torch.float64, requires_grad=True)
     resolved = RelativeBias(table, max_distance=max_distance).resolve(1, 3, 16, 64, CPU, causal=causal)
     grad = torch.randn(3, 2, max_distance + 1, dtype=torch.float64)
     (expected,) = torch.autograd.grad(table[:, resolved.rel_buckets.long()], table, grad)
-    folded = resolved.rel_bias_grad_to_table(grad)
+    folded = fold_distance_grad(grad, resolved.rel_buckets, num_buckets)
     assert folded.dtype == torch.float32 and folded.shape == (3, num_buckets)
     torch.testing.assert_close(folded.double(), expected, rtol=1e-6, atol=1e-5)
 

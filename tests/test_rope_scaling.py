@@ -14,7 +14,7 @@ from fused_pos_attn import NTK, DynamicNTK, Linear, Llama3, RoPE, YaRN, fused_at
 from test_attention_backends import HAS_TRITON, Case, check_case
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
@@ -216,8 +216,14 @@ def test_from_hf_dicts_old_and_new():
 
 
 @pytest.mark.parametrize("config,error,match", [
-    ({"head_dim": 64, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, ValueError,
-     "unsupported rope_type 'longrope'"),
+    ({"head_dim": 64, "rope_scaling": {"rope_type": "mrope", "mrope_section": [8, 12, 12]}}, ValueError,
+     "unsupported rope_type 'mrope'"),
+    ({"head_dim": 64, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}}, ValueError,
+     r"keys \['low_freq_factor'\] are not understood for rope_type 'linear'"),
+    ({"head_dim": 64, "max_position_embeddings": 8192, "rope_parameters": {"rope_type": "longrope",
+                                                                              "short_factor": [1.0] * 32}}, ValueError,
+     r"rope_type 'longrope' needs rope_parameters\['long_factor'\]"),
+    ({"head_dim": 64, "rotary_dim": 80}, ValueError, "must be a positive even int <= head_dim 64"),
     ({"head_dim": 64, "rope_parameters": {"rope_type": "linear"}}, ValueError,
      r"rope_type 'linear' needs rope_parameters\['factor'\]"),
     ({"head_dim": 64, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, ValueError,
@@ -226,7 +232,8 @@ def test_from_hf_dicts_old_and_new():
                                           "sliding_attention": {"rope_type": "default"}}}, ValueError,
      "per-layer rope_parameters"),
     ({"rope_theta": 1e4}, ValueError, "needs head_dim, or hidden_size and num_attention_heads"),
-    ({"head_dim": 64, "partial_rotary_factor": 0.3}, ValueError, r"int\(64 \* 0.3\) = 19 must be a positive even"),
+    ({"head_dim": 64, "partial_rotary_factor": 0.3}, ValueError, r"rotary dim 19 \(config rotary_dim, or int\(head_dim \* partial_rotary_factor\) = int\(64 \* 0.3\)\) must be a "
+     "positive even"),
     ({"head_dim": 64, "rope_scaling": "yarn"}, TypeError, "rope_scaling must be a dict"),
     ({"head_dim": 64, "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
                                           "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}},
@@ -271,7 +278,7 @@ def test_from_hf_errors(config, error, match):
     (lambda: Llama3(8.0, 1.0, 4.0, None), TypeError, r"Llama3 original_max_len must be a positive int, got NoneType"),
     (lambda: Llama3(8.0, 1.0, 4.0, 0), ValueError, r"Llama3 original_max_len must be a positive int, got 0"),
     (lambda: RoPE(scaling=2.0), TypeError,
-     r"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN or Llama3 object, got float"),
+     r"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN, Llama3 or LongRoPE object, got float"),
     (lambda: RoPE(inv_freq=torch.ones(8), scaling=Linear(2.0)), ValueError,
      r"RoPE takes inv_freq or scaling, not both"),
     (lambda: RoPE(rotary_dim=2, scaling=NTK(2.0)).frequencies(2, 10), ValueError,
@@ -343,3 +350,29 @@ def test_dynamic_ntk_uses_current_length():
     torch.testing.assert_close(dynamic_reference(q[:, :, :4], k[:, :, :6], v[:, :, :6], dynamic, **short),
                                dynamic_reference(q[:, :, :4], k[:, :, :6], v[:, :, :6], RoPE(), **short),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seq_len", [100, 4096, 4097, 20000], ids=["short", "at_original", "just_long", "long"])
+@pytest.mark.parametrize("attention_factor", [None, 1.3])
+def test_longrope_matches_hf(seq_len, attention_factor):
+    """Phi-3's longrope: short factors up to the original length, long ones past it, transformers' attention factor."""
+    gen = torch.Generator().manual_seed(0)
+    short, long = (1 + 3 * torch.rand(16, generator=gen, dtype=torch.float64) for _ in range(2))
+    params = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": short.tolist(), "long_factor": long.tolist()}
+    if attention_factor is not None:
+        params["attention_factor"] = attention_factor
+    config = Phi3Config(hidden_size=128, num_attention_heads=4, max_position_embeddings=131072,
+                        original_max_position_embeddings=4096, rope_parameters=params)
+    rope = RoPE.from_hf(config)
+    assert rope.rotary_dim == 32 and rope.length_dependent
+    assert_matches_hf(rope.frequencies(32, seq_len), hf_frequencies(config, seq_len=seq_len))
+
+
+def test_from_hf_gptj_partial_interleaved():
+    """GPT-J: rotary_dim of the head's leading dims, rotate-every-two pairs; GPT-NeoX: partial, rotate-half."""
+    gptj = RoPE.from_hf(GPTJConfig(n_embd=256, n_head=4, rotary_dim=16))
+    assert (gptj.rotary_dim, gptj.interleaved, gptj.theta, gptj.scaling) == (16, True, 10000.0, None)
+    whole = RoPE.from_hf({"model_type": "gptj", "n_embd": 256, "n_head": 4, "rotary_dim": None})  # config.json
+    assert (whole.rotary_dim, whole.interleaved) == (64, True)
+    neox = RoPE.from_hf(GPTNeoXConfig(hidden_size=256, num_attention_heads=4))
+    assert (neox.rotary_dim, neox.interleaved) == (16, False)  # partial_rotary_factor 0.25

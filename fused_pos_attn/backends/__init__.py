@@ -3,10 +3,12 @@
 `backward(grad_out, grad_lse, q, k, v, out, lse, spec, rel_grad) -> (dq, dk, dv, d_rel_table)`:
 grad_lse is None or the (B, Hq, Nq) gradient of lse; rel_grad says whether the relative scheme's table
 needs its gradient d_rel_table (Hq, num_buckets), else None is returned for it.
-The dense reference is not a kernel backend: `select` returns None for it.
+The dense reference is not a kernel backend: `select` returns None for it. Each kernel backend module names
+itself in NAME, the name fused_pos_attn.ops' custom ops take (`by_name` maps it back).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 from typing import Optional
@@ -14,11 +16,19 @@ from typing import Optional
 import torch
 
 BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "reference")
+KERNEL_BACKENDS = ("triton", "cuda", "cpu")  # module <name>_backend of this package, NAME == name
 
 
 def triton_interpreter_enabled() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def by_name(name: str) -> ModuleType:
+    """The kernel backend module named name (one of KERNEL_BACKENDS)."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {KERNEL_BACKENDS}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{name}_backend")
 
 
 def select(name: str, q: torch.Tensor) -> Optional[ModuleType]:

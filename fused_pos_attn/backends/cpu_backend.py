@@ -13,6 +13,8 @@ import torch
 from ..spec import AttentionSpec
 from . import native
 
+NAME = "cpu"  # the backend argument of fused_pos_attn.ops' custom ops
+
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:

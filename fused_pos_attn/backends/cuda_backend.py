@@ -23,6 +23,8 @@ import torch
 from ..spec import AttentionSpec
 from . import native
 
+NAME = "cuda"  # the backend argument of fused_pos_attn.ops' custom ops
+
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 built_with_cuda = native.built_with_cuda

@@ -18,6 +18,7 @@ import torch
 
 from fused_pos_attn.triton_kernels.scheme_codes import SCHEME_CODES
 
+from ..positions import fold_distance_grad
 from ..spec import AttentionSpec
 
 X86_FEATURES = ("avx2", "fma", "f16c")  # the instruction sets setup.py compiles the x86 CPU kernels for
@@ -71,6 +72,26 @@ def _load_extension():
 
 
 OPS = _load_extension()  # torch.ops.fused_pos_attn (tests may stand in for it)
+# The ops' per-call arguments after (q, k, v) in attention_forward: FPA_CALL_ARGS, read from the op's schema.
+_CALL_ARG_NAMES = [a.name for a in OPS.attention_forward.default._schema.arguments[3:]]
+
+
+# Fake (meta) implementations of the extension's ops, for torch.compile and FakeTensor tracing: the outputs'
+# shapes, dtypes and strides as the C++ ops allocate them (out / dq / dk / dv like their inputs; lse and the
+# relative gradient fp32, lse fp64 for fp64 inputs).
+@torch.library.register_fake("fused_pos_attn::attention_forward")
+def _forward_fake(q, k, v, *call_args, **call_kwargs):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.register_fake("fused_pos_attn::attention_backward")
+def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, rel_grad, *call_args, **call_kwargs):
+    """d_rel_bias (Hq, 2, max_distance + 1) fp32 when the relative table needs a gradient, else (0,)."""
+    call = dict(zip(_CALL_ARG_NAMES, call_args), **call_kwargs)
+    table_grad = rel_grad and call["pos"] == SCHEME_CODES["relative"]
+    d_rel_bias = q.new_empty((q.shape[1], 2, call["max_distance"] + 1) if table_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_rel_bias
 
 
 def built_with_cuda() -> bool:
@@ -123,4 +144,5 @@ def backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], q: torch.
     rel_grad = rel_grad and spec.position.kind == "relative"
     dq, dk, dv, d_rel_bias = OPS.attention_backward(grad_out, grad_lse, q, k, v, out, lse, rel_grad,
                                                     **op_args(spec, q))
-    return dq, dk, dv, (spec.position.rel_bias_grad_to_table(d_rel_bias) if rel_grad else None)
+    return dq, dk, dv, (fold_distance_grad(d_rel_bias, spec.position.rel_buckets, spec.position.num_buckets)
+                         if rel_grad else None)

@@ -14,6 +14,8 @@ from fused_pos_attn.triton_kernels import (MAX_GRAD_BUCKETS, KernelCall, KernelP
 
 from ..spec import AttentionSpec
 
+NAME = "triton"  # the backend argument of fused_pos_attn.ops' custom ops
+
 
 def _kernel_call(spec: AttentionSpec) -> KernelCall:
     """The launchers' view of spec: KernelCall's fields (the packed layout's cu_seqlens_* and max_seqlen_*
