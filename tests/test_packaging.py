@@ -289,14 +289,14 @@ torch.utils.cpp_extension.include_paths torch.version torch.version.cuda torch.v
 torch.where torch.zeros torch.zeros_like
 torch.SymInt torch._dynamo.explain torch._dynamo.mark_dynamic torch._dynamo.reset torch._dynamo.testing
 torch._dynamo.testing.CompileCounterWithBackend torch.compiler torch.compiler.is_compiling torch.library
-torch.library.custom_op torch.library.opcheck torch.library.register_fake torch.searchsorted
+torch.library.custom_op torch.library.opcheck torch.library.register_fake torch.searchsorted torch.long torch.pow
 """.split())
 
 # torch.Tensor methods and properties the code uses or is likely to (any `.name` that is a Tensor attribute), all in
 # torch <= 2.0 except itemsize (2.1).
 TENSOR_API_IN_2_11 = frozenset("""
 abs abs_ absolute add add_ addcmul_ addmm all allclose amax amin any argmax argmin backward bfloat16 bitwise_and
-broadcast_to diff ravel uniform_
+broadcast_to diff ravel uniform_ index_copy
 bitwise_or bmm bool byte ceil char chunk clamp clamp_ clamp_min clone contiguous copy_ cos cpu cuda cummax cumprod
 cumsum data data_ptr detach device diag diagonal dim div div_ dot double dtype element_size eq equal exp exp2 exp_
 expand expand_as fill_ flatten flip float float_power floor fmod frac gather ge grad grad_fn gt half imag index
