@@ -82,4 +82,5 @@ sdist: $(DEPS_STAMP)
 
 bench: install
 	$(PY) bench/kernels.py
+	$(PY) bench/hf_models.py
 	$(PY) -m pytest -q bench --benchmark-only

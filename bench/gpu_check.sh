@@ -21,7 +21,11 @@
 #   [hh:mm:ss +320s] varlen: bench/varlen.py --device cuda: 16 packed documents of 64..2048 tokens,
 #                    bf16, ALiBi and RoPE, fwd and fwd+bwd, against per-document calls, padding
 #                    and SDPA with a dense block-diagonal mask (time and peak memory)              ~30 s
-#   [hh:mm:ss +350s] bench: bench/gpu_bench.py, one line per measured cell ("bf16 D=128 N=4096
+#   [hh:mm:ss +350s] hf: bench/hf_models.py --device cuda: a training step of a Llama-style and a
+#                    BLOOM-style transformers model (2 layers) patched by fused_pos_attn.hf against
+#                    the same model on eager and SDPA attention, N = 1k..4k, bf16 (skipped with a
+#                    note when transformers is not installed)                                       ~30 s
+#   [hh:mm:ss +380s] bench: bench/gpu_bench.py, one line per measured cell ("bf16 D=128 N=4096
 #                    fwd triton ALiBi: 0.812 ms, 338 TFLOP/s, 0.97x floor, 2 MiB"), then one
 #                    summary table (TFLOP/s and time ratio to SDPA flash per cell)          ~2-2.5 min
 #   the stage table (ok / FAILED / TIMEOUT, seconds), the result files, and "gpu-check: PASSED" or
@@ -34,9 +38,9 @@
 # Results, in bench/results (GPU_CHECK_RESULTS_DIR), <device> from torch.cuda.get_device_name (nvidia-h100-...):
 #   gpu_check_<device>.md (stage table, versions, failures), gpu_check_<device>.log (all of the above),
 #   gpu_build_<device>.log, gpu_tests_<device>.log, gpu_tests_<device>.xml (JUnit),
-#   gpu_bench_<device>.md / .csv / .png, varlen_cuda_<device>.md / .csv. Each is written as its stage ends (the
-#   CSV cell by cell); when $OUT is set they are also copied there after every stage (8 files at most: all but
-#   the JUnit XML and the varlen CSV, whose numbers the varlen .md has).
+#   gpu_bench_<device>.md / .csv / .png, varlen_cuda_<device>.md / .csv, hf_models_cuda_<device>.md / .csv. Each is
+#   written as its stage ends (the CSV cell by cell); when $OUT is set they are also copied there after every
+#   stage (8 files at most: all but the JUnit XML and the CSVs, whose numbers the .md files have).
 # Exit status: 0 every stage passed; 1 a stage failed or timed out; 2 no CUDA device: a dry run that prints
 # the commands and the benchmark plan and builds, tests and measures nothing (also with GPU_CHECK_DRY_RUN=1).
 # Knobs: PY (interpreter; default the first of python3, python that imports torch), GPU_CHECK_BUDGET_S,
@@ -55,6 +59,7 @@ TESTS_MAX_S=330      # the tests' own cap; they get less when the build was slow
 TESTS_LEAVE_S=90     # left for the check and the benchmark when the tests start
 CHECK_MAX_S=60
 VARLEN_MAX_S=45
+HF_MAX_S=40
 BENCH_MIN_S=60
 BUILD_MAX_S=240
 MAIN_LOG=/dev/null   # set once the device is known
@@ -131,6 +136,7 @@ if [[ "$HAS_TIMEOUT_PLUGIN" == 1 ]]; then TEST_CMD+=(--timeout=240); fi
 CHECK_CMD=("$PY" -m fused_pos_attn check --no-bench)
 BENCH_CMD=("$PY" bench/gpu_bench.py --out-dir "$RESULTS")
 VARLEN_CMD=("$PY" bench/varlen.py --device cuda --rounds 2 --min-time 0.1 --out-dir "$RESULTS")
+HF_CMD=("$PY" bench/hf_models.py --device cuda --rounds 1 --min-time 0.2 --out-dir "$RESULTS")
 
 # ---------------------------------------------------------------------------------------------- dry run
 if [[ "$HAS_CUDA" != 1 ]]; then
@@ -144,7 +150,8 @@ if [[ "$HAS_CUDA" != 1 ]]; then
     [[ "$HAS_XDIST" == 1 ]] || echo "             (pytest-xdist is not installed here: without it the tests run on one core)"
     echo "  3. check:  $(quoted "${CHECK_CMD[@]}")"
     echo "  4. varlen: $(quoted "${VARLEN_CMD[@]}")"
-    echo "  5. bench:  $(quoted "${BENCH_CMD[@]}") --budget-s <seconds left>"
+    echo "  5. hf:     $(quoted "${HF_CMD[@]}") (when transformers is installed)"
+    echo "  6. bench:  $(quoted "${BENCH_CMD[@]}") --budget-s <seconds left>"
     echo "The benchmark plan (bench/gpu_bench.py --dry-run):"
     "$PY" bench/gpu_bench.py --dry-run || echo "(the plan could not be built: is fused_pos_attn importable by $PY?)"
     echo
@@ -159,13 +166,15 @@ MAIN_LOG="$RESULTS/gpu_check_${SLUG}.log"
 BUILD_LOG="$RESULTS/gpu_build_${SLUG}.log"
 SUMMARY="$RESULTS/gpu_check_${SLUG}.md"
 : > "$MAIN_LOG"
-rm -f "$BUILD_LOG" "$TEST_LOG" "$TEST_XML" "$RESULTS"/gpu_bench_"$SLUG".* "$RESULTS"/varlen_cuda_"$SLUG".*  # no stale results
+rm -f "$BUILD_LOG" "$TEST_LOG" "$TEST_XML" "$RESULTS"/gpu_bench_"$SLUG".* "$RESULTS"/varlen_cuda_"$SLUG".* \
+      "$RESULTS"/hf_models_cuda_"$SLUG".*  # no stale results
 
 publish() {  # copy this run's result files to $OUT (the device tool's return folder) when it is set
     [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
     local f
     for f in "$RESULTS"/gpu_check_"$SLUG".* "$RESULTS"/gpu_build_"$SLUG".log "$TEST_LOG" \
-             "$RESULTS"/gpu_bench_"$SLUG".* "$RESULTS"/varlen_cuda_"$SLUG".md; do
+             "$RESULTS"/gpu_bench_"$SLUG".md "$RESULTS"/gpu_bench_"$SLUG".png "$RESULTS"/varlen_cuda_"$SLUG".md \
+             "$RESULTS"/hf_models_cuda_"$SLUG".md; do
         [[ -f "$f" ]] && cp -f "$f" "$OUT/"
     done
     return 0
@@ -200,7 +209,7 @@ write_summary() {  # $1: overall result line
 record() {  # stage, status, started-at seconds, details
     local elapsed=$(( SECONDS - $3 ))
     STAGES+=("$1|$2|$elapsed|$4")
-    [[ "$2" == ok ]] || FAILED+=("$1")
+    [[ "$2" == ok || "$2" == skipped ]] || FAILED+=("$1")
     say "$1: $2 in ${elapsed} s${4:+ ($4)}"
     write_summary "(running)"
     publish
@@ -274,7 +283,20 @@ timeout --foreground --kill-after=10 "$limit" "${VARLEN_CMD[@]}" 2>&1 | tee -a "
 rc=${PIPESTATUS[0]}
 record varlen "$(status_of "$rc")" "$start" "varlen_cuda_$SLUG.md, .csv"
 
-# 5. the benchmark plan, with what is left of the budget.
+# 5. Hugging Face models patched by fused_pos_attn.hf (bench/hf_models.py), capped; only where transformers is.
+start=$SECONDS
+if "$PY" -c "import transformers" 2>/dev/null; then
+    limit=$(clamp $(( $(left) - BENCH_MIN_S )) 20 "$HF_MAX_S")
+    say "hf: $(quoted "${HF_CMD[@]}") (limit $limit s)"
+    timeout --foreground --kill-after=10 "$limit" "${HF_CMD[@]}" 2>&1 | tee -a "$MAIN_LOG"
+    rc=${PIPESTATUS[0]}
+    record hf "$(status_of "$rc")" "$start" "hf_models_cuda_$SLUG.md, .csv"
+else
+    say "hf: skipped (transformers is not installed for $PY)"
+    record hf skipped "$start" "transformers is not installed"
+fi
+
+# 6. the benchmark plan, with what is left of the budget.
 start=$SECONDS
 limit=$(( $(left) > BENCH_MIN_S ? $(left) : BENCH_MIN_S ))
 say "bench: $(quoted "${BENCH_CMD[@]}") --budget-s $(( limit - 25 )) (limit $limit s)"

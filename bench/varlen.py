@@ -22,7 +22,6 @@ Writes bench/results/varlen_<device>_<model>.{md,csv}.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from fused_pos_attn import ALiBi, RoPE, fused_attention, fused_attention_varlen
 from fused_pos_attn.benchmarking import (GIB, MIB, run_in_fresh_process, fix_malloc_thresholds, slug,
-                                         software_versions, time_step)
+                                         software_versions, time_step, write_results)
 from fused_pos_attn.positions import ALIBI_KIND
 from fused_pos_attn.reference import apply_rope
 
@@ -248,18 +247,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"varlen_{torch.device(args.device).type}_{slug(env['device'])}")
     command = "python bench/varlen.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Packed sequences: {env['device']}\n\n")
-        f.writelines(f"- {key}: {value}\n" for key, value in env.items())
-        f.write(f"- command: `{command.strip()}`\n\n{table}")
-    with open(stem + ".csv", "w", newline="") as f:
-        f.writelines(f"# {key}: {value}\n" for key, value in env.items())
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for r in rows:
-            writer.writerow([env["device"], r["provider"], r["pos"], r["mode"], len(plan.lengths), plan.total,
-                             max(plan.lengths), plan.heads, plan.head_dim, plan.dtype, f"{r['ms']:.3f}",
-                             f"{r['ratio_to_per_doc']:.3f}", f"{r['peak_mib']:.1f}", r["skipped"]])
+    write_results(stem, f"Packed sequences: {env['device']}", env, command, table, CSV_FIELDS,
+                  [[env["device"], r["provider"], r["pos"], r["mode"], len(plan.lengths), plan.total, max(plan.lengths),
+                    plan.heads, plan.head_dim, plan.dtype, f"{r['ms']:.3f}", f"{r['ratio_to_per_doc']:.3f}",
+                    f"{r['peak_mib']:.1f}", r["skipped"]] for r in rows])
     print(f"wrote {stem}.md, .csv", file=sys.stderr)
 
 

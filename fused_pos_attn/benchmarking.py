@@ -28,6 +28,7 @@ before them (inputs; for "bwd" also the forward graph). CUDA: max_memory_allocat
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import ctypes.util
 import dataclasses
@@ -645,3 +646,18 @@ def quick_table(device: str) -> str:
     results = run_benchmarks(provider_names(device, include_flex=False), ("alibi", "rope"), (256, 1024),
                              ("fwd",), min_time_s=0.2, log=lambda msg: None, device=device, dtype=dtype)
     return markdown_table(results)
+
+
+def write_results(stem: str, title: str, env: dict, command: str, table: str, fields: Sequence[str],
+                  rows: Sequence[Sequence[object]]) -> None:
+    """stem.md (title, the environment as a list, the command, the markdown table) and stem.csv (the environment
+    as # comment lines, then fields and rows): the result files of a benchmark script."""
+    with open(stem + ".md", "w") as f:
+        f.write(f"# {title}\n\n")
+        f.writelines(f"- {key}: {value}\n" for key, value in env.items())
+        f.write(f"- command: `{command.strip()}`\n\n{table}")
+    with open(stem + ".csv", "w", newline="") as f:
+        f.writelines(f"# {key}: {value}\n" for key, value in env.items())
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows(rows)

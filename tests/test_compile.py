@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from kernel_backends import backend, device_of  # noqa: F401  (backend: fixture)
+from kernel_backends import HAS_TRITON, backend, device_of  # noqa: F401  (backend: fixture)
 
 import fused_pos_attn as fpa
 from fused_pos_attn import ops
@@ -21,6 +21,7 @@ from fused_pos_attn.positions import ResolvedPosition, as_position_scheme
 from fused_pos_attn.spec import AttentionSpec
 
 B, HQ, HKV, NQ, NK, D = 2, 4, 2, 13, 21, 16
+TRITON_MARK = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 def _schemes(device):
@@ -66,9 +67,18 @@ def _assert_same(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("mask", MASKS, ids=["causal", "window-int-offsets", "causal-window-mha-tensor-offsets"])
-def test_fused_attention_compiles_fullgraph_and_equals_eager(backend, scheme, mask):  # noqa: F811
+MASK_IDS = ["causal", "window-int-offsets", "causal-window-mha-tensor-offsets"]
+# The native kernels run every scheme x mask; the Triton interpreter (slow) every scheme with the first mask and
+# the masks' other paths with the schemes whose tiles differ most.
+COMPILE_CASES = [pytest.param("cpu", scheme, mask, id=f"cpu-{scheme}-{mask_id}")
+                 for scheme in SCHEMES for mask, mask_id in zip(MASKS, MASK_IDS)] + [
+    pytest.param("triton", scheme, mask, id=f"triton-{scheme}-{mask_id}", marks=TRITON_MARK)
+    for scheme in SCHEMES for mask, mask_id in zip(MASKS, MASK_IDS)
+    if mask_id == "causal" or scheme in ("rope_partial_interleaved", "relative")]
+
+
+@pytest.mark.parametrize("backend, scheme, mask", COMPILE_CASES)
+def test_fused_attention_compiles_fullgraph_and_equals_eager(backend, scheme, mask):
     device = device_of(backend)
     pos = _schemes(device)[scheme]
     causal, window, hkv, q_offset, k_offset = mask
@@ -131,9 +141,14 @@ def test_inductor_compiles_a_training_step():
     _assert_same(grads, expected_grads)
 
 
-@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
-@pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
-def test_dynamic_shapes_compile_once_for_many_lengths(backend, scheme, how):  # noqa: F811
+DYNAMIC_CASES = [pytest.param(backend, scheme, how, id=f"{backend}-{scheme}-{how}",
+                              marks=TRITON_MARK if backend == "triton" else ())
+                 for backend in ("cpu", "triton") for scheme in ("alibi", "rope", "relative")
+                 for how in ("dynamic=True", "mark_dynamic") if backend == "cpu" or scheme == "rope"]
+
+
+@pytest.mark.parametrize("backend, scheme, how", DYNAMIC_CASES)
+def test_dynamic_shapes_compile_once_for_many_lengths(backend, scheme, how):
     device = device_of(backend)
     pos = _schemes(device)[scheme]
 
@@ -198,9 +213,14 @@ def _spec_arguments(device, scheme, causal=True, varlen=False):
     return q, k, v, spec
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_opcheck_fused_attention_ops(backend, scheme, varlen):  # noqa: F811
+OPCHECK_CASES = [pytest.param(backend, scheme, varlen, id=f"{backend}-{scheme}-{'varlen' if varlen else 'dense'}",
+                              marks=TRITON_MARK if backend == "triton" else ())
+                 for backend in ("cpu", "triton") for scheme in SCHEMES for varlen in (False, True)
+                 if backend == "cpu" or not varlen or scheme in ("rope_partial_interleaved", "relative")]
+
+
+@pytest.mark.parametrize("backend, scheme, varlen", OPCHECK_CASES)
+def test_opcheck_fused_attention_ops(backend, scheme, varlen):
     """Schema, fake implementation, autograd registration and AOT dispatch (static and dynamic shapes) of the
     package's forward op and its backward op."""
     device = device_of(backend)

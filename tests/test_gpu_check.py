@@ -68,6 +68,7 @@ case "$1" in
        printf '%s\n' "TORCH='2.11.0 (CUDA 13.0)'" TRITON=3.6.0 HAS_CUDA=1 NO_CUDA_WHY="''" "GPU_NAME='NVIDIA H200'" \
            ARCH=90 GPU_COUNT=1 SLUG=nvidia-h200 HAS_XDIST=1 HAS_TIMEOUT_PLUGIN=0 ;;
     -c) case "$2" in *build_info*) [[ "$FUSED_POS_ATTN_CUDA_BUILT" == 1 ]] && echo cpu+cuda || echo cpu ;;
+                    "import transformers") [[ "$STUB_TRANSFORMERS" == 1 ]] ;;
                     *) echo 3.12.3 ;; esac ;;
     -m) case "$2" in
             pip) echo "pip $* (FUSED_POS_ATTN_CUDA=$FUSED_POS_ATTN_CUDA ARCHS=$FUSED_POS_ATTN_CUDA_ARCHS)"
@@ -86,6 +87,9 @@ case "$1" in
     bench/varlen.py) dir=$(sed -n 's/.*--out-dir \([^ ]*\).*/\1/p' <<< "$*")
                      for ext in md csv; do echo "$ext" > "$dir/varlen_cuda_nvidia-h200.$ext"; done
                      echo "| alibi | fwd | packed | 1.0 | 0.90 | 12 |" ;;
+    bench/hf_models.py) dir=$(sed -n 's/.*--out-dir \([^ ]*\).*/\1/p' <<< "$*")
+                        for ext in md csv; do echo "$ext" > "$dir/hf_models_cuda_nvidia-h200.$ext"; done
+                        echo "| llama | 1024 | fused | 12 | 0.80 | 40 |" ;;
 esac
 """
 
@@ -103,7 +107,7 @@ def test_stages_with_a_stub_interpreter(tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run_script(tmp_path, PY=str(stub_python(tmp_path)), OUT=str(out_dir), STUB_CUDA_BUILD="ok",
-                        FUSED_POS_ATTN_CUDA_BUILT="1")
+                        FUSED_POS_ATTN_CUDA_BUILT="1", STUB_TRANSFORMERS="1")
     log = result.stdout
     assert result.returncode == 1, log + result.stderr
     build_log = (tmp_path / "results" / "gpu_build_nvidia-h200.log").read_text()
@@ -112,13 +116,14 @@ def test_stages_with_a_stub_interpreter(tmp_path):
     assert "| build | ok |" in summary and "| tests | FAILED (rc 1) |" in summary
     assert "1 failed, 1 passed in 2.00s" in summary and "FAILED tests/test_gpu.py::test_b - AssertionError" in summary
     assert "| check | ok |" in summary and "| varlen | ok |" in summary and "| bench | ok |" in summary
+    assert "| hf | ok |" in summary and "| llama | 1024 | fused |" in log
     assert "--device cuda --rounds 2" in log and "| alibi | fwd | packed |" in log
     assert "gpu-check: FAILED (tests)" in summary and "gpu-check: FAILED (tests)" in log
     assert "FAILED tests/test_gpu.py::test_b" in log  # pytest's summary is shown, its full log kept
     returned = sorted(p.name for p in out_dir.iterdir())
-    assert returned == sorted(["gpu_bench_nvidia-h200.csv", "gpu_bench_nvidia-h200.md", "gpu_bench_nvidia-h200.png",
-                               "gpu_build_nvidia-h200.log", "gpu_check_nvidia-h200.log", "gpu_check_nvidia-h200.md",
-                               "gpu_tests_nvidia-h200.log", "varlen_cuda_nvidia-h200.md"])
+    assert returned == sorted(["gpu_bench_nvidia-h200.md", "gpu_bench_nvidia-h200.png", "gpu_build_nvidia-h200.log",
+                               "gpu_check_nvidia-h200.log", "gpu_check_nvidia-h200.md", "gpu_tests_nvidia-h200.log",
+                               "varlen_cuda_nvidia-h200.md", "hf_models_cuda_nvidia-h200.md"])
     assert len(returned) <= 8  # what the device tool brings back
 
 
@@ -130,6 +135,7 @@ def test_failed_cuda_build_is_loud_and_the_triton_part_still_runs(tmp_path):
     assert "(FUSED_POS_ATTN_CUDA=0 ARCHS=90)" in build_log  # the retry without the CUDA C++ kernels
     summary = (tmp_path / "results" / "gpu_check_nvidia-h200.md").read_text()
     assert "| build | FAILED: CUDA C++ FAILED (rc 1) |" in summary and "| bench | ok |" in summary
+    assert "| hf | skipped |" in summary  # no transformers there: noted, not a failure
     assert "gpu-check: FAILED (build tests)" in summary
 
 
