@@ -251,7 +251,8 @@ class RoPE(PositionScheme):
           config's own key wins, else `max_position_embeddings`); `rope_theta` and `partial_rotary_factor` may
           sit here too. None or {} means "default". A key outside the type's list raises ValueError, so a
           config is never silently read as a different rotation.
-        - `rope_theta` (default 10000) and `partial_rotary_factor` (default 1) when not in that dict.
+        - `rope_theta` (default 10000) and `partial_rotary_factor` (default 1) when not in that dict; GPT-NeoX's
+          older config.json names for them, `rotary_emb_base` and `rotary_pct`, likewise.
         - `head_dim`, or else `hidden_size // num_attention_heads` (`n_embd // n_head` for GPT-J):
           rotary_dim = int(head_dim * partial_rotary_factor), or the config's `rotary_dim` where it has one
           (GPT-J; None there means the whole head).
@@ -281,8 +282,9 @@ class RoPE(PositionScheme):
         if unknown:
             raise ValueError(f"RoPE.from_hf: rope_parameters keys {unknown} are not understood for rope_type "
                              f"{rope_type!r} (known: {sorted(HF_ROPE_COMMON_KEYS + HF_ROPE_KEYS[rope_type])})")
-        theta = params.get("rope_theta", get(config, "rope_theta", 10000.0))
-        partial = params.get("partial_rotary_factor", get(config, "partial_rotary_factor", 1.0))
+        theta = params.get("rope_theta", get(config, "rope_theta", get(config, "rotary_emb_base", 10000.0)))
+        partial = params.get("partial_rotary_factor", get(config, "partial_rotary_factor", get(config, "rotary_pct",
+                                                                                               1.0)))
         head_dim = get(config, "head_dim")
         if head_dim is None:
             hidden = get(config, "hidden_size", get(config, "n_embd"))

@@ -376,3 +376,6 @@ def test_from_hf_gptj_partial_interleaved():
     assert (whole.rotary_dim, whole.interleaved) == (64, True)
     neox = RoPE.from_hf(GPTNeoXConfig(hidden_size=256, num_attention_heads=4))
     assert (neox.rotary_dim, neox.interleaved) == (16, False)  # partial_rotary_factor 0.25
+    pythia = RoPE.from_hf({"model_type": "gpt_neox", "hidden_size": 256, "num_attention_heads": 4, "rotary_pct": 0.5,
+                           "rotary_emb_base": 5e5})  # a config.json from before transformers 5
+    assert (pythia.rotary_dim, pythia.theta) == (32, 5e5)
