@@ -8,8 +8,8 @@ transformers' eager and SDPA attention.
 Models (random weights, built in code): "llama", a Llama-style decoder (RoPE, GQA 8 query / 2 key-value heads,
 D = 64), and "bloom", a BLOOM-style decoder (ALiBi, 8 heads, D = 64); hidden 512, 2 layers, vocab 1024.
 Providers: "eager" and "sdpa" (transformers' attention implementations; BLOOM has eager only) and "fused"
-(fused_pos_attn.hf.patch); the baseline of the ratio column is sdpa where the model has it, else eager. One step: forward over a (batch, N) batch without padding, the
-language-model loss, backward. Timing: providers interleaved in one process (round robin over --rounds rounds,
+(fused_pos_attn.hf.patch); the baseline of the ratio column is sdpa where the model has it, else eager. One
+step: forward over a (batch, N) batch without padding, the language-model loss, backward. Timing: providers interleaved in one process (round robin over --rounds rounds,
 each a median of repeated steps), the minimum over rounds reported; peak memory: each provider once more in a
 fresh process (CPU) or after a reset of the allocator's peak (CUDA), the peak above what exists before the step
 (the model, its gradients from the warm-up step, the batch). Writes bench/results/hf_models_<device>.{md,csv}.
@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
            "config": f"hidden 512, 2 layers, 8 query heads (Llama: 2 key-value heads), D 64, vocab 1024, batch "
                      f"{args.batch}, {args.dtype}, training step (forward + loss + backward), no padding",
            "timing": f"providers interleaved, min over {args.rounds} rounds of a median over >= {args.min_time} s",
-           "baseline": "x baseline: time / the sdpa time (eager for BLOOM, which has no SDPA attention in transformers)"}
+           "baseline": "x baseline: time / the sdpa time (eager for BLOOM: no SDPA attention in transformers)"}
     rows = run(args)
     table = markdown_table(rows)
     print(table)

@@ -96,10 +96,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
     """Attention as transformers hands it to an attention function, on the fused kernels.
 
     query (B, Hq, Nq, D); key, value (B, Hkv, Nk, D), the whole cache (un-rotated keys); attention_mask None or the
-    (B, Nk) padding mask (True / 1 = token); position_ids None or (B or 1, Nq) positions of the queries (None: the
-    queries are the last Nq of Nk positions 0..Nk-1); a (B, 0) mask means nothing is padded; packed: cu_seq_lens_q / cu_seq_lens_k / max_length_q /
-    max_length_k of packed documents, or None; cross: cross-attention (the mask covers the keys only, every query
-    is real). Returns (B, Nq, Hq, D); query rows that are padding get 0.
+    (B, Nk) padding mask (True / 1 = token; a (B, 0) mask: nothing padded); position_ids None or (B or 1, Nq)
+    positions of the queries (None: the queries are the last Nq of Nk positions 0..Nk-1); packed: cu_seq_lens_q /
+    cu_seq_lens_k / max_length_q / max_length_k of packed documents, or None; cross: cross-attention (the mask
+    covers the keys only, every query is real). Returns (B, Nq, Hq, D); query rows that are padding get 0.
     """
     if dropout:
         raise ValueError(f"fused_pos_attn.hf: {owner} has attention dropout {dropout} in training, which the fused "

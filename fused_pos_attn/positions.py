@@ -227,8 +227,8 @@ class RoPE(PositionScheme):
                 raise ValueError("RoPE inv_freq must be finite (found NaN or inf)")
         if scaling is not None:
             if not isinstance(scaling, RopeScaling):
-                raise TypeError(f"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN, Llama3 or LongRoPE object, "
-                                f"got {type(scaling).__name__}")
+                raise TypeError(f"RoPE scaling must be None or a Linear, NTK, DynamicNTK, YaRN, Llama3 or LongRoPE "
+                                f"object, got {type(scaling).__name__}")
             if inv_freq is not None:
                 raise ValueError("RoPE takes inv_freq or scaling, not both: a scaling computes inv_freq from theta")
         self.theta = float(theta)

@@ -26,7 +26,8 @@ def _configs():
                               Phi3Config, Qwen2Config, Qwen3Config, T5Config)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256)
-    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.4, 2.9, 3.5],
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.4, 2.9, 3.5],
                 "long_factor": [1.0, 1.5, 2.2, 3.0, 4.1, 5.5, 7.0, 9.0]}
     return {
         "llama": LlamaConfig(num_key_value_heads=2, **common),
@@ -40,7 +41,8 @@ def _configs():
                                                    "partial_rotary_factor": 0.5}, **common),
         "gptj": GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256),
         "bloom": BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
-        "mpt": MptConfig(vocab_size=VOCAB, d_model=96, n_layers=2, n_heads=6, max_seq_len=256, expansion_ratio=2),  # 6 heads: slopes interleaved
+        # 6 heads, not a power of two: MPT's slopes interleave
+        "mpt": MptConfig(vocab_size=VOCAB, d_model=96, n_layers=2, n_heads=6, max_seq_len=256, expansion_ratio=2),
         "t5": T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
                        relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
                        decoder_start_token_id=0, pad_token_id=0),
