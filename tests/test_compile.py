@@ -196,9 +196,9 @@ def test_dynamic_ntk_compiles_from_int_offsets_and_breaks_the_graph_on_tensor_of
                                attention(q, k, v, offsets), rtol=1e-6, atol=1e-6)
 
 
-def _spec_arguments(device, scheme, causal=True, varlen=False):
+def _spec_arguments(device, scheme, causal=True, varlen=False, dtype=torch.float32):
     """(q, k, v, AttentionSpec) of a small validated call, built as fused_attention builds it."""
-    q, k, v = _inputs(device)
+    q, k, v = _inputs(device, dtype)
     scheme = as_position_scheme(_schemes(device)[scheme])
     offsets = torch.tensor([3, 0], device=device)
     position = scheme.resolve(B, HQ, D, 64, torch.device(device), causal=causal)
@@ -220,11 +220,11 @@ OPCHECK_CASES = [pytest.param(backend, scheme, varlen, id=f"{backend}-{scheme}-{
 
 
 @pytest.mark.parametrize("backend, scheme, varlen", OPCHECK_CASES)
-def test_opcheck_fused_attention_ops(backend, scheme, varlen):
+def test_opcheck_fused_attention_ops(backend, scheme, varlen, dtype=torch.float32):
     """Schema, fake implementation, autograd registration and AOT dispatch (static and dynamic shapes) of the
     package's forward op and its backward op."""
     device = device_of(backend)
-    q, k, v, spec = _spec_arguments(device, scheme, varlen=varlen)
+    q, k, v, spec = _spec_arguments(device, scheme, varlen=varlen, dtype=dtype)
     forward_args = (q, k, v, *ops.flatten(spec), backend)
     torch.library.opcheck(torch.ops.fused_pos_attn.fused_attention, forward_args)
     out, lse = torch.ops.fused_pos_attn.fused_attention(*forward_args)
@@ -236,6 +236,11 @@ def test_opcheck_fused_attention_ops(backend, scheme, varlen):
         backward_args = (grad_out, grad_lse, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
                          rel_grad, *spec_args, backend)
         torch.library.opcheck(torch.ops.fused_pos_attn.fused_attention_backward, backward_args)
+
+
+def test_opcheck_fused_attention_ops_fp64():
+    """float64 on the native kernels: lse is float64 there, and the fake must say so."""
+    test_opcheck_fused_attention_ops("cpu", "relative", False, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("scheme", ["alibi", "rope_partial_interleaved", "relative"])
