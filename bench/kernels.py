@@ -11,7 +11,6 @@ On a GPU, `make gpu-check` runs bench/gpu_bench.py instead: a fixed plan in TFLO
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from typing import Optional, Sequence
@@ -19,7 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from fused_pos_attn.benchmarking import (FLOOR, MODES, POSITIONS, REFERENCE_PROVIDER, Measurement, floor_ms,
-                                         markdown_table, provider_names, run_benchmarks, slug, software_versions)
+                                         markdown_table, provider_names, run_benchmarks, slug, software_versions,
+                                         write_results)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULTS = {  # device type -> (seq lens, longest N for the backward modes, dtype)
@@ -42,27 +42,15 @@ def environment(device: str, args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def write_csv(path: str, results: Sequence[Measurement], env: dict[str, str]) -> None:
-    """Long format, one row per measurement, after '# key: value' header lines."""
-    with open(path, "w", newline="") as f:
-        for key, value in env.items():
-            f.write(f"# {key}: {value}\n")
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for m in results:
-            c = m.case
-            ratio = m.median_ms / floor_ms(results, m.mode, c.seq_len)
-            writer.writerow([env["device"], m.provider, c.pos, m.mode, c.batch, c.heads, c.seq_len, c.head_dim,
-                             c.dtype, c.causal, f"{m.median_ms:.4f}", f"{ratio:.4f}", f"{m.peak_mib:.2f}",
-                             m.skipped])
-
-
-def write_markdown(path: str, table: str, env: dict[str, str], command: str) -> None:
-    """The environment as a bullet list, the command line, then the table."""
-    with open(path, "w") as f:
-        f.write(f"# Kernel benchmark: {env['device']}\n\n")
-        f.writelines(f"- {key}: {value}\n" for key, value in env.items())
-        f.write(f"- command: `{command}`\n\n{table}")
+def csv_rows(results: Sequence[Measurement], env: dict[str, str]) -> list[list]:
+    """Long format, one row per measurement (CSV_FIELDS)."""
+    rows = []
+    for m in results:
+        c = m.case
+        ratio = m.median_ms / floor_ms(results, m.mode, c.seq_len)
+        rows.append([env["device"], m.provider, c.pos, m.mode, c.batch, c.heads, c.seq_len, c.head_dim, c.dtype,
+                     c.causal, f"{m.median_ms:.4f}", f"{ratio:.4f}", f"{m.peak_mib:.2f}", m.skipped])
+    return rows
 
 
 def plot(path: str, results: Sequence[Measurement], env: dict[str, str]) -> None:
@@ -156,8 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"kernels_{torch.device(args.device).type}_{slug(env['device'])}")
     command = "python bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_markdown(stem + ".md", table, env, command.strip())
-    write_csv(stem + ".csv", results, env)
+    write_results(stem, f"Kernel benchmark: {env['device']}", env, command, table, CSV_FIELDS, csv_rows(results, env))
     plot(stem + ".png", results, env)
     print(f"wrote {stem}.md, .csv, .png", file=sys.stderr)
 
