@@ -14,9 +14,6 @@ rather than use more; with the cap lifted the same shapes compile with 150-255 r
 import triton
 
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D values: head dims are padded up to one of these
-# Triton before 3.9 (the GPU machines' 3.6) allocates registers differently; the one list that must differ
-# between the versions (forward, BLOCK_D 256, RoPE) has no shape that is spill-free on both.
-LEGACY_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -46,10 +43,8 @@ def forward_configs(block_d: int, pos: str) -> list:
         shapes = [(64, 32, 8, 3)]
     elif block_d <= 128:
         shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
-    elif pos == "rope" and LEGACY_TRITON:  # M32 spills under 3.6 (full rotary), M16 under 3.9 (half rotary)
-        shapes = [(16, 32, 8, 2), (16, 32, 8, 3)]
-    elif pos == "rope":  # capped at 128 registers, M32 N16 spilled (rotary D/4 and D/2)
-        shapes = [(32, 16, 8, 2, MAX_REGISTERS), (32, 16, 8, 3, MAX_REGISTERS)]
+    elif pos == "rope":  # capped at 128 registers M16 N32 spilled (interleaved D/2, Triton 3.6; half rotary, 3.9);
+        shapes = [(16, 32, 8, 2, MAX_REGISTERS), (16, 32, 8, 3, MAX_REGISTERS)]  # M32 N16 spills under 3.6 uncapped
     elif pos == "relative":  # M64 N32 spills (bf16 window, sm_90)
         shapes = [(64, 16, 8, 2)]
     else:
@@ -59,8 +54,8 @@ def forward_configs(block_d: int, pos: str) -> list:
 
 def backward_dkdv_configs(block_d: int, pos: str) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
-    if block_d <= 64 and pos == "rope":  # 3 stages spill (rotary D/4, sm_80), so does every N32 shape tried
-        shapes = [(64, 16, 8, 2)]
+    if block_d <= 64 and pos == "rope":  # 3 stages spill (rotary D/4, sm_80), so does every N32 shape tried;
+        shapes = [(64, 16, 8, 2, MAX_REGISTERS)]  # capped at 128 registers, D 32 interleaved spilled (Triton 3.6)
     elif block_d <= 64 and pos == "relative":  # the bucket-gradient gather spills M64, and M32 N32 at 3 stages
         shapes = [(32, 32, 8, 2), (32, 16, 8, 3)]
     elif block_d <= 64:
@@ -71,8 +66,8 @@ def backward_dkdv_configs(block_d: int, pos: str) -> list:
         shapes = [(32, 16, 8, 2), (32, 32, 8, 1)]
     elif block_d <= 128:  # M16 N32 spills (bf16 non-causal, Triton 3.6)
         shapes = [(32, 32, 8, 2), (32, 16, 8, 2)]
-    elif pos == "rope":  # 2 stages spill (interleaved D/4)
-        shapes = [(16, 32, 8, 1)]
+    elif pos == "rope":  # 2 stages spill (interleaved D/4); capped at 128 registers, 1 stage spilled (interleaved
+        shapes = [(16, 32, 8, 1, MAX_REGISTERS)]  # rotary D/2, Triton 3.6, sm_90)
     elif pos == "relative":  # M32 spills (128 buckets; no table gradient, non-causal)
         shapes = [(16, 32, 8, 1)]
     else:
