@@ -56,8 +56,8 @@ def backward_dkdv_configs(block_d: int, pos: str) -> list:
     """dK/dV: a program owns BLOCK_N keys and streams BLOCK_M query rows per step."""
     if block_d <= 64 and pos == "rope":  # 3 stages spill (rotary D/4, sm_80), so does every N32 shape tried;
         shapes = [(64, 16, 8, 2, MAX_REGISTERS)]  # capped at 128 registers, D 32 interleaved spilled (Triton 3.6)
-    elif block_d <= 64 and pos == "relative":  # the bucket-gradient gather spills M64, and M32 N32 at 3 stages
-        shapes = [(32, 32, 8, 2), (32, 16, 8, 3)]
+    elif block_d <= 64 and pos == "relative":  # the bucket-gradient gather spills M64, and M32 N32 at 3 stages,
+        shapes = [(16, 32, 8, 2), (32, 16, 8, 3)]  # at 2 too (D 32 packed, Triton 3.6, sm_80); M32 N16 s2 (3.9)
     elif block_d <= 64:
         shapes = [(64, 16, 8, 3), (64, 32, 8, 3)]
     elif block_d <= 128 and pos == "rope":  # M32 N32 spills (interleaved D/4); M32 N16 at 2 stages too, even
