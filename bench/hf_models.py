@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from fused_pos_attn.benchmarking import (MIB, fix_malloc_thresholds, run_in_fresh_process, slug, software_versions,
-                                         time_step, write_results)
+                                         time_interleaved, time_step, write_results)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODELS = ("llama", "bloom")
@@ -86,10 +86,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"{name}: {provider} skipped: {missing}", file=sys.stderr)
         for seq_len in args.seq_lens:
             steps = {provider: make_step(model, seq_len, args.batch, args.device) for provider, model in models.items()}
-            times = {provider: math.inf for provider in steps}
-            for _ in range(args.rounds):  # interleaved: every provider sees the same machine load
-                for provider, step in steps.items():
-                    times[provider] = min(times[provider], time_step(step, args.device, min_time_s=args.min_time)[0])
+            times = time_interleaved(steps, args.device, args.rounds, args.min_time)
             for provider in models:
                 peak = math.nan
                 if not args.no_memory:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fused_pos_attn import ALiBi, RoPE, fused_attention, fused_attention_varlen
 from fused_pos_attn.benchmarking import (GIB, MIB, run_in_fresh_process, fix_malloc_thresholds, slug,
-                                         software_versions, time_step, write_results)
+                                         software_versions, time_interleaved, time_step, write_results)
 from fused_pos_attn.positions import ALIBI_KIND
 from fused_pos_attn.reference import apply_rope
 
@@ -170,10 +170,7 @@ def run(plan: Plan, positions: Sequence[str], modes: Sequence[str], providers: S
                     steps[name] = make_step(build_provider(name, plan, pos), mode, make_inputs(plan, mode != "fwd"))
                 except MemoryError as err:
                     skipped[name] = str(err)
-            times = {name: math.inf for name in steps}
-            for _ in range(rounds):  # interleaved: every provider sees the same machine load
-                for name, step in steps.items():
-                    times[name] = min(times[name], time_step(step, plan.device, min_time_s=min_time)[0])
+            times = time_interleaved(steps, plan.device, rounds, min_time)
             for name in providers:
                 peak = math.nan
                 if memory and name in steps and plan.device == "cpu":

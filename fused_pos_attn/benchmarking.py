@@ -451,6 +451,17 @@ def time_step(step: Callable[[], object], device: str, min_time_s: float = 0.5, 
     return statistics.median(times), peak_memory_since(device, base)
 
 
+def time_interleaved(steps: dict[str, Callable[[], object]], device: str, rounds: int,
+                     min_time_s: float) -> dict[str, float]:
+    """name -> ms: the minimum over `rounds` rounds of each step's time_step median, the steps run round robin
+    within each round so that every provider sees the same machine load."""
+    times = {name: math.inf for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name] = min(times[name], time_step(step, device, min_time_s=min_time_s)[0])
+    return times
+
+
 def measure_case(provider: str, case: Case, modes: Sequence[str], min_time_s: float = 0.5) -> list[Measurement]:
     """Time and peak memory of `provider` on `case` for each mode, in this process.
 
