@@ -10,7 +10,7 @@ from . import backends
 from .ops import fused_attention_op
 from .positions import PositionArg, as_position_scheme
 from .reference import attention_reference
-from .spec import AttentionSpec
+from .spec import AttentionSpec, lse_dtype
 
 OffsetArg = Optional[Union[int, torch.Tensor]]
 MAX_HEAD_DIM = 256
@@ -69,7 +69,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpe
     chosen = backends.select(backend, q)
     if chosen is None:
         out, lse = attention_reference(q, k, v, spec, upcast=False)
-        out, lse = out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        out, lse = out.to(q.dtype), lse.to(lse_dtype(q.dtype))
     else:
         out, lse = fused_attention_op(q, k, v, spec, chosen.NAME)
     return (out, lse) if return_lse else out

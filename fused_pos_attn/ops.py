@@ -29,7 +29,7 @@ import torch
 
 from . import backends
 from .positions import ResolvedPosition
-from .spec import AttentionSpec
+from .spec import AttentionSpec, lse_dtype
 
 NAMESPACE = "fused_pos_attn"
 # A spec field's Python type -> its type in the op schema (ints are SymInt: symbolic under dynamic shapes).
@@ -69,10 +69,6 @@ def unflatten(args) -> AttentionSpec:
     return AttentionSpec(position=position, **values)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op(f"{NAMESPACE}::fused_attention", mutates_args=(),
                          schema=f"(Tensor q, Tensor k, Tensor v, {_SPEC_SCHEMA}, str backend) -> (Tensor, Tensor)")
 def _forward_op(q, k, v, *spec_and_backend):
@@ -82,7 +78,7 @@ def _forward_op(q, k, v, *spec_and_backend):
 
 @_forward_op.register_fake
 def _forward_fake(q, k, v, *spec_and_backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::fused_attention_backward", mutates_args=(),

@@ -9,6 +9,11 @@ import torch
 from .positions import ResolvedPosition
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend returns lse in for inputs of dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """Everything but q, k, v.

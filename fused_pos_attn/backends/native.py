@@ -19,7 +19,7 @@ import torch
 from fused_pos_attn.triton_kernels.scheme_codes import SCHEME_CODES
 
 from ..positions import fold_distance_grad
-from ..spec import AttentionSpec
+from ..spec import AttentionSpec, lse_dtype
 
 X86_FEATURES = ("avx2", "fma", "f16c")  # the instruction sets setup.py compiles the x86 CPU kernels for
 CPUINFO = "/proc/cpuinfo"
@@ -81,8 +81,7 @@ _CALL_ARG_NAMES = [a.name for a in OPS.attention_forward.default._schema.argumen
 # relative gradient fp32, lse fp64 for fp64 inputs).
 @torch.library.register_fake("fused_pos_attn::attention_forward")
 def _forward_fake(q, k, v, *call_args, **call_kwargs):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("fused_pos_attn::attention_backward")
