@@ -39,7 +39,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
         out (B, Hq, Nq, D) in q's dtype, and lse when return_lse. Differentiable in q, k, v and a
         RelativeBias table.
     """
-    _check_tensors(q, k, v)
+    check_qkv(q, k, v)
     batch, num_heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     scheme = as_position_scheme(pos)
@@ -48,7 +48,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Posi
     q_off = check_offsets(q_offset, "q_offset", batch, q.device, default=None)
     if q_off is None:
         q_off = k_off + (seq_k - seq_q)
-    if _is_int(k_offset, True) and _is_int(q_offset, True):  # the length without reading a tensor
+    if is_int(k_offset, True) and is_int(q_offset, True):  # the length without reading a tensor
         k_start = k_offset or 0
         length = current_length(scheme, k_start + seq_k - seq_q if q_offset is None else q_offset, k_start, seq_q,
                                 seq_k, fallback=max(seq_q, seq_k))
@@ -107,7 +107,7 @@ def check_heads(num_heads: int, num_kv_heads: int, head_dim: int, kv_head_dim: i
                          f"Hkv={num_kv_heads}")
 
 
-def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_tensor_types(dict(q=q, k=k, v=v), dict(q="(B, Hq, Nq, D)", k="(B, Hkv, Nk, D)", v="(B, Hkv, Nk, D)"))
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size B, got q {q.shape[0]}, k {k.shape[0]}")
@@ -140,7 +140,7 @@ def check_offsets(value: OffsetArg, name: str, batch: int, device: torch.device,
     raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
-def _is_int(value, none_ok: bool = False) -> bool:
+def is_int(value, none_ok: bool = False) -> bool:
     """A Python int (torch.SymInt under torch.compile's dynamic shapes), not a bool; or None when none_ok."""
     return (value is None and none_ok) or (isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool))
 
@@ -154,7 +154,7 @@ def current_length(scheme, q_off: Union[int, torch.Tensor], k_off: Union[int, to
     back: a device sync, and under torch.compile a graph break (the frequencies depend on the value)."""
     if not getattr(scheme, "length_dependent", False):
         return fallback
-    if all(_is_int(value) for value in (q_off, k_off, len_q, len_k)):
+    if all(is_int(value) for value in (q_off, k_off, len_q, len_k)):
         return max(q_off + len_q, k_off + len_k)
     return int(torch.maximum(q_off + len_q, k_off + len_k).max())
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import fused_attention
+from ..distributed import ContextParallel, context_parallel_attention
 from ..positions import PositionScheme
 from ..reference import apply_rope, position_bias, visibility
 from .positional import ABSOLUTE_SCHEMES, AbsolutePositions, AttentionPositions, check_scheme
@@ -103,13 +104,19 @@ class CausalSelfAttention(nn.Module):
         self.positions = AttentionPositions(config.scheme, config.num_heads, config.train_len, config.rope_theta)
 
     def forward(self, x: torch.Tensor, offset: int = 0, context_len: Optional[int] = None,
-                cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                context_parallel: Optional[ContextParallel] = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         heads, head_dim = self.config.num_heads, self.config.head_dim
         context_len = offset + seq if context_len is None else context_len
         q, k, v = self.qkv(x).view(batch, seq, 3, heads, head_dim).unbind(2)  # each (B, N, H, D)
         pos = self.positions.position(context_len)
-        if self.config.attention == "fused":
+        if context_parallel is not None:  # x is this rank's shard of the sequence
+            cp = context_parallel
+            out = context_parallel_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos=pos,
+                                             causal=True, group=cp.group, layout=cp.layout, method=cp.method,
+                                             position_offset=offset, backend=self.config.backend)
+        elif self.config.attention == "fused":
             k, v = self._cached(k, v, offset, cache)
             out = fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pos=pos, causal=True,
                                   q_offset=offset, k_offset=0, backend=self.config.backend)
@@ -164,8 +171,9 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
 
     def forward(self, x: torch.Tensor, offset: int = 0, context_len: Optional[int] = None,
-                cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), offset, context_len, cache)
+                cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                context_parallel: Optional[ContextParallel] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), offset, context_len, cache, context_parallel)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
@@ -205,21 +213,34 @@ class TransformerLM(nn.Module):
             block.attn.config = self.config
             block.attn.positions.scheme = scheme
 
-    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
-                context_len: Optional[int] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, context_len: Optional[int] = None,
+                context_parallel: Optional[ContextParallel] = None) -> torch.Tensor:
         """tokens (B, N) -> logits (B, N, V). With a cache, tokens sit at positions cache.length ...
         cache.length + N - 1 and the cache advances by N. context_len (default: last position + 1) is the
-        length the RoPE variants rescale for."""
+        length the RoPE variants rescale for.
+
+        context_parallel: the sequence is split over its group's ranks: tokens (B, n) are this rank's shard
+        (ContextParallel.shard of the full (B, N) batch), logits (B, n, V) its rows; attention runs
+        context_parallel_attention, absolute positions are the shard's global ones, context_len defaults to N.
+        Every rank's parameter gradient is then its own tokens' contribution: sum them over the ranks (as a
+        data-parallel wrapper spanning them does). Not combined with a cache."""
         offset = cache.length if cache is not None else 0
         seq = tokens.shape[1]
         if cache is not None and offset + seq > cache.max_len:
             raise ValueError(f"KV cache full: {offset} + {seq} tokens exceed max_len {cache.max_len}")
+        positions = torch.arange(offset, offset + seq, device=tokens.device)
+        if context_parallel is not None:
+            if cache is not None or self.config.attention != "fused":
+                raise ValueError("context_parallel needs attention='fused' and no KV cache, got attention="
+                                 f"{self.config.attention!r}{' and a cache' if cache is not None else ''}")
+            positions = context_parallel.positions(seq, tokens.device)
+            context_len = seq * context_parallel.world_size if context_len is None else context_len
         x = self.embed(tokens) * math.sqrt(self.config.d_model)
         if self.absolute is not None:
-            x = x + self.absolute(torch.arange(offset, offset + seq, device=tokens.device))
+            x = x + self.absolute(positions)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x = block(x, offset, context_len, layer_cache)
+            x = block(x, offset, context_len, layer_cache, context_parallel)
         if cache is not None:
             cache.length = offset + seq
         return F.linear(self.ln_f(x), self.embed.weight)
