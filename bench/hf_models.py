@@ -17,7 +17,6 @@ fresh process (CPU) or after a reset of the allocator's peak (CUDA), the peak ab
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -25,8 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from fused_pos_attn.benchmarking import (MIB, fix_malloc_thresholds, run_in_fresh_process, slug, software_versions,
-                                         time_interleaved, time_step, write_results)
+from fused_pos_attn.benchmarking import (MIB, fix_malloc_thresholds, results_stem, run_in_fresh_process,
+                                         software_versions, time_interleaved, time_step, write_results)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODELS = ("llama", "bloom")
@@ -145,9 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(table)
     if args.quick:
         return
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"hf_models_{torch.device(args.device).type}_{slug(env['device'])}")
-    command = "python bench/hf_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    stem, command = results_stem(__file__, args.out_dir, args.device, env["device"], argv)
     write_results(stem, f"Hugging Face models, training step: {env['device']}", env, command, table, CSV_FIELDS,
                   [[env["device"], r["model"], r["provider"], r["seq_len"], args.batch, args.dtype, f"{r['ms']:.1f}",
                     f"{r['ratio']:.3f}", f"{r['peak_mib']:.1f}"] for r in rows])

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from fused_pos_attn.benchmarking import (FLOOR, MODES, POSITIONS, REFERENCE_PROVIDER, Measurement, floor_ms,
-                                         markdown_table, provider_names, run_benchmarks, slug, software_versions,
-                                         write_results)
+                                         markdown_table, provider_names, results_stem, run_benchmarks,
+                                         software_versions, write_results)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULTS = {  # device type -> (seq lens, longest N for the backward modes, dtype)
@@ -141,9 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(table)
     if args.quick:
         return
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"kernels_{torch.device(args.device).type}_{slug(env['device'])}")
-    command = "python bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    stem, command = results_stem(__file__, args.out_dir, args.device, env["device"], argv)
     write_results(stem, f"Kernel benchmark: {env['device']}", env, command, table, CSV_FIELDS, csv_rows(results, env))
     plot(stem + ".png", results, env)
     print(f"wrote {stem}.md, .csv, .png", file=sys.stderr)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_pos_attn import ALiBi, RoPE, fused_attention, fused_attention_varlen
-from fused_pos_attn.benchmarking import (GIB, MIB, run_in_fresh_process, fix_malloc_thresholds, slug,
+from fused_pos_attn.benchmarking import (GIB, MIB, fix_malloc_thresholds, results_stem, run_in_fresh_process,
                                          software_versions, time_interleaved, time_step, write_results)
 from fused_pos_attn.positions import ALIBI_KIND
 from fused_pos_attn.reference import apply_rope
@@ -241,9 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(table)
     if args.quick:
         return
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"varlen_{torch.device(args.device).type}_{slug(env['device'])}")
-    command = "python bench/varlen.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    stem, command = results_stem(__file__, args.out_dir, args.device, env["device"], argv)
     write_results(stem, f"Packed sequences: {env['device']}", env, command, table, CSV_FIELDS,
                   [[env["device"], r["provider"], r["pos"], r["mode"], len(plan.lengths), plan.total, max(plan.lengths),
                     plan.heads, plan.head_dim, plan.dtype, f"{r['ms']:.3f}", f"{r['ratio_to_per_doc']:.3f}",

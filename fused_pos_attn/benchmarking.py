@@ -659,6 +659,16 @@ def quick_table(device: str) -> str:
     return markdown_table(results)
 
 
+def results_stem(script: str, out_dir: str, device: str, device_label: str,
+                 argv: Optional[Sequence[str]]) -> tuple[str, str]:
+    """(out_dir/<script's name>_<device type>_<slug of device_label>, the command line that ran the script): where
+    a benchmark script writes its result files and how it was called (argv None: sys.argv). Creates out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    name = os.path.splitext(os.path.basename(script))[0]
+    command = f"python bench/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return os.path.join(out_dir, f"{name}_{torch.device(device).type}_{slug(device_label)}"), command
+
+
 def write_results(stem: str, title: str, env: dict, command: str, table: str, fields: Sequence[str],
                   rows: Sequence[Sequence[object]]) -> None:
     """stem.md (title, the environment as a list, the command, the markdown table) and stem.csv (the environment

@@ -1,4 +1,4 @@
-"""Functions run on every rank of a tests/rank_pool.py group: each builds the same full tensors from a seed on
+"""Functions run on every rank of a fused_pos_attn.distributed.rank_pool group: each builds the same full tensors from a seed on
 every rank, runs the single-process oracle (fused_attention on the whole sequence) and the context-parallel call
 on this rank's shard, and checks this rank's rows (and the T5 table gradient summed over the ranks)."""
 from __future__ import annotations

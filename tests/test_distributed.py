@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import distributed_cases
-from fused_pos_attn.distributed.layout import rank_chunks, rank_major_to_global, global_to_rank_major, shard
+from fused_pos_attn.distributed.layout import global_to_rank_major, rank_chunks, rank_major_to_global, shard
+from fused_pos_attn.distributed.rank_pool import RankPool
 from fused_pos_attn.distributed.ring import RingPlan
-from rank_pool import RankPool
 
 _POOLS: dict[int, RankPool] = {}
 

@@ -290,13 +290,24 @@ torch.where torch.zeros torch.zeros_like
 torch.SymInt torch._dynamo.explain torch._dynamo.mark_dynamic torch._dynamo.reset torch._dynamo.testing
 torch._dynamo.testing.CompileCounterWithBackend torch.compiler torch.compiler.is_compiling torch.library
 torch.library.custom_op torch.library.opcheck torch.library.register_fake torch.searchsorted torch.long torch.pow
+torch.distributed torch.distributed.P2POp torch.distributed.ProcessGroup torch.distributed.ReduceOp
+torch.distributed.ReduceOp.MAX torch.distributed.all_gather_into_tensor torch.distributed.all_gather_object
+torch.distributed.all_reduce torch.distributed.barrier torch.distributed.batch_isend_irecv
+torch.distributed.destroy_process_group torch.distributed.get_backend torch.distributed.get_global_rank
+torch.distributed.get_process_group_ranks torch.distributed.get_rank torch.distributed.get_world_size
+torch.distributed.group torch.distributed.group.WORLD torch.distributed.init_process_group torch.distributed.irecv
+torch.distributed.is_available torch.distributed.is_initialized torch.distributed.isend
+torch.distributed.reduce_scatter_tensor
 """.split())
+# torch.distributed: all in torch 2.5's distributed_c10d.__all__ and still in 2.13 (all_gather_into_tensor and
+# reduce_scatter_tensor deprecated there for all_gather_single / reduce_scatter_single, which 2.11 lacks: the
+# package takes the new name where it exists, by getattr).
 
 # torch.Tensor methods and properties the code uses or is likely to (any `.name` that is a Tensor attribute), all in
 # torch <= 2.0 except itemsize (2.1).
 TENSOR_API_IN_2_11 = frozenset("""
 abs abs_ absolute add add_ addcmul_ addmm all allclose amax amin any argmax argmin backward bfloat16 bitwise_and
-broadcast_to diff ravel uniform_ index_copy
+broadcast_to diff ravel uniform_ index_copy put
 bitwise_or bmm bool byte ceil char chunk clamp clamp_ clamp_min clone contiguous copy_ cos cpu cuda cummax cumprod
 cumsum data data_ptr detach device diag diagonal dim div div_ dot double dtype element_size eq equal exp exp2 exp_
 expand expand_as fill_ flatten flip float float_power floor fmod frac gather ge grad grad_fn gt half imag index

@@ -62,11 +62,11 @@ class RingPlan:
     def shifts(self) -> int:
         return len(self.steps) - 1
 
-    def shift(self, block: torch.Tensor, tag: int) -> tuple[torch.Tensor, list]:
-        """Start sending block to the next rank and receiving the previous rank's into a new buffer."""
-        incoming = torch.empty_like(block)
-        works = start_exchange([(block, (self.rank + 1) % self.world)], [(incoming, (self.rank - 1) % self.world)],
-                               self.group, tag)
+    def shift(self, blocks: tuple[torch.Tensor, ...], tag: int) -> tuple[tuple[torch.Tensor, ...], list]:
+        """Start sending blocks to the next rank and receiving the previous rank's into new buffers."""
+        incoming = tuple(torch.empty_like(block) for block in blocks)
+        works = start_exchange([(block, (self.rank + 1) % self.world) for block in blocks],
+                               [(buffer, (self.rank - 1) % self.world) for buffer in incoming], self.group, tag)
         return incoming, works
 
 
@@ -91,7 +91,10 @@ def merge_partial(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tenso
 
 
 class RingAttention(torch.autograd.Function):
-    """(q, k, v shards, T5 table or None) -> (out, lse) of the global attention for this rank's queries."""
+    """(q, k, v shards, T5 table or None) -> (out, lse) of the global attention for this rank's queries.
+
+    Memory per rank beyond the inputs and outputs: the K/V shard received and the one arriving (forward and
+    backward), fp32 out / dq accumulators, and in the backward the arriving and the held block's fp32 dK/dV."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_table: Optional[torch.Tensor],
@@ -99,7 +102,7 @@ class RingAttention(torch.autograd.Function):
         acc_dtype = lse_dtype(q.dtype)
         out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
-        kv = torch.stack((k, v))  # (2, B, Hkv, n, D): one message per shift
+        kv = (k.contiguous(), v.contiguous())  # the K/V shard held at step t, rank (rank - t)'s (sent whole)
         for t, pairs in enumerate(plan.steps):
             incoming, works = plan.shift(kv, _KV_TAG) if t < plan.shifts else (None, [])
             for q_chunk, k_chunk in pairs:
@@ -121,17 +124,19 @@ class RingAttention(torch.autograd.Function):
         rel_grad = ctx.needs_input_grad[3]
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         grad_lse = None if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
-        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
-        d_table = None
-        kv = torch.stack((k, v))
-        dkv, dkv_works = None, []  # the held block's dK/dV accumulator (2, B, Hkv, n, D), arriving by dkv_works
         # The kernels take lse (and dLSE) rows contiguous: each query chunk's, once.
         chunks = {q_chunk for pairs in plan.steps for q_chunk, _ in pairs}
         lse_rows = {c: _rows(lse, c).contiguous() for c in chunks}
         grad_lse_rows = {c: None if grad_lse is None else _rows(grad_lse, c).contiguous() for c in chunks}
+        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
+        d_table = None
+        kv = (k.contiguous(), v.contiguous())
+        dkv, dkv_works = None, []  # the held block's (dK, dV) accumulators, arriving by dkv_works
         for t, pairs in enumerate(plan.steps):
             incoming, works = plan.shift(kv, _KV_TAG) if t < plan.shifts else (None, [])
-            contribution = torch.zeros(kv.shape, dtype=lse.dtype, device=kv.device)
+            # This step's contribution to the held block; added once its accumulator has arrived (the transfer
+            # overlaps this compute).
+            contribution = tuple(torch.zeros(k.shape, dtype=lse.dtype, device=k.device) for _ in range(2))
             for q_chunk, k_chunk in pairs:
                 rows = lambda x: _rows(x, q_chunk)  # noqa: E731
                 dq_pair, dk_pair, dv_pair, d_table_pair = backend.backward(
@@ -143,15 +148,17 @@ class RingAttention(torch.autograd.Function):
                 if rel_grad:
                     d_table = d_table_pair if d_table is None else d_table + d_table_pair
             wait_all(dkv_works)
-            dkv = contribution if dkv is None else dkv.add_(contribution)
+            dkv = contribution if dkv is None else tuple(acc.add_(c) for acc, c in zip(dkv, contribution))
+            del contribution
             if t < plan.shifts:
                 dkv, dkv_works = plan.shift(dkv, _GRAD_TAG)
             wait_all(works)
             kv = incoming
-        if plan.shifts:  # the accumulator of rank (rank - shifts)'s block goes home; ours arrives
-            home = torch.empty_like(dkv)
-            wait_all(start_exchange([(dkv, (plan.rank - plan.shifts) % plan.world)],
-                                    [(home, (plan.rank + plan.shifts) % plan.world)], plan.group, _HOME_TAG))
+        if plan.shifts:  # the accumulators of rank (rank - shifts)'s block go home; ours arrive
+            home = tuple(torch.empty_like(acc) for acc in dkv)
+            wait_all(start_exchange([(acc, (plan.rank - plan.shifts) % plan.world) for acc in dkv],
+                                    [(buffer, (plan.rank + plan.shifts) % plan.world) for buffer in home],
+                                    plan.group, _HOME_TAG))
             dkv = home
         if rel_grad and d_table is None:  # no pair on this rank (cannot happen with self-attention's diagonal)
             d_table = torch.zeros_like(spec.position.rel_table)

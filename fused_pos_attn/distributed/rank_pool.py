@@ -1,9 +1,11 @@
-"""A pool of P processes joined in a gloo group, kept alive across tests: each test sends one function to every
-rank and gets each rank's return value back, without paying process start-up and group set-up per test.
+"""RankPool: P processes on this machine joined in a gloo group and kept alive, for the tests and benchmarks of
+context parallelism: each call sends one function to every rank and returns each rank's result, without paying
+process start-up and group set-up per call.
 
-The functions run on the ranks must be importable by name (module-level functions of a tests/ module); they get
-(rank, world, *args). One thread per rank. A rank that raises is reported with its traceback; a call that does
-not finish within the timeout (a rank stuck in a collective) fails and the pool is restarted for the next one.
+The functions must be importable by name (module-level functions of a module, or of a script's __main__ guarded
+by `if __name__ == "__main__"`); they get (rank, world, *args). Each rank runs torch with `threads` threads. A rank
+that raises is reported with its traceback; a call that does not finish within the timeout (a rank stuck in a
+collective) fails and the pool is restarted for the next call.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(rank: int, world: int, port: int, tasks, results) -> None:
+def _serve(rank: int, world: int, threads: int, port: int, tasks, results) -> None:
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     while (task := tasks.get()) is not None:
@@ -40,16 +42,17 @@ def _serve(rank: int, world: int, port: int, tasks, results) -> None:
 
 
 class RankFailure(AssertionError):
-    """Some rank raised; .errors maps rank -> 'Type: message' (first line of its report)."""
+    """Some rank raised: every failed rank's report (exception and traceback)."""
 
     def __init__(self, reports: dict[int, str]):
-        self.errors = {rank: report.splitlines()[0] for rank, report in reports.items()}
         super().__init__("\n".join(f"--- rank {rank} ---\n{report}" for rank, report in sorted(reports.items())))
 
 
 class RankPool:
-    def __init__(self, world: int, timeout_s: float = 120):
-        self.world, self.timeout_s = world, timeout_s
+    """world processes in a gloo group, each with `threads` torch threads; calls time out after timeout_s."""
+
+    def __init__(self, world: int, threads: int = 1, timeout_s: float = 120):
+        self.world, self.threads, self.timeout_s = world, threads, timeout_s
         self._procs: list = []
 
     def _start(self) -> None:
@@ -58,10 +61,11 @@ class RankPool:
         self._tasks = [ctx.Queue() for _ in range(self.world)]
         self._results = ctx.Queue()
         env_before = os.environ.get("OMP_NUM_THREADS")
-        os.environ["OMP_NUM_THREADS"] = "1"  # the children's OpenMP pools start with one thread
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # the children's OpenMP pools start that size
         try:
-            self._procs = [ctx.Process(target=_serve, args=(rank, self.world, port, self._tasks[rank], self._results),
-                                       daemon=True) for rank in range(self.world)]
+            self._procs = [ctx.Process(target=_serve, daemon=True,
+                                       args=(rank, self.world, self.threads, port, self._tasks[rank], self._results))
+                           for rank in range(self.world)]
             for proc in self._procs:
                 proc.start()
         finally:
