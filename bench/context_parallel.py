@@ -159,6 +159,8 @@ def markdown_table(args: argparse.Namespace, rows: Sequence[dict], memory: Seque
              "| mode | provider | ms | x one_process | MiB sent per rank |", "|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['provider']} | {r['ms']:.0f} | {r['ratio']:.2f} | {r['sent']:.0f} |" for r in rows]
     lens = sorted({m["seq_len"] for m in memory})
+    if not lens:
+        return "\n".join(lines) + "\n"
     lines += ["", "Peak memory of one fwd+bwd call, MiB above the process baseline (inputs, outputs, gradients, "
               "workspace; distributed: the largest rank's), and its ratio to one_process:\n",
               "| provider | ranks | " + " | ".join(f"N = {n}" for n in lens) + " |", "|---|---|" + "---|" * len(lens)]
