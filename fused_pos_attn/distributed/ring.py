@@ -94,7 +94,8 @@ class RingAttention(torch.autograd.Function):
     """(q, k, v shards, T5 table or None) -> (out, lse) of the global attention for this rank's queries.
 
     Memory per rank beyond the inputs and outputs: the K/V shard received and the one arriving (forward and
-    backward), fp32 out / dq accumulators, and in the backward the arriving and the held block's fp32 dK/dV."""
+    backward), fp32 out / dq accumulators; in the backward, while more shifts follow, the arriving, the sent and
+    the held block's fp32 dK/dV (the last step adds into the arrived accumulators directly)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_table: Optional[torch.Tensor],
@@ -133,24 +134,30 @@ class RingAttention(torch.autograd.Function):
         kv = (k.contiguous(), v.contiguous())
         dkv, dkv_works = None, []  # the held block's (dK, dV) accumulators, arriving by dkv_works
         for t, pairs in enumerate(plan.steps):
-            incoming, works = plan.shift(kv, _KV_TAG) if t < plan.shifts else (None, [])
-            # This step's contribution to the held block; added once its accumulator has arrived (the transfer
-            # overlaps this compute).
-            contribution = tuple(torch.zeros(k.shape, dtype=lse.dtype, device=k.device) for _ in range(2))
+            last = t == plan.shifts
+            incoming, works = (None, []) if last else plan.shift(kv, _KV_TAG)
+            if last:  # no transfer left to overlap: take the arriving accumulators first and add into them
+                wait_all(dkv_works)
+                dkv_works = []
+            # Otherwise this step's contribution is added once the held block's accumulators have arrived, so
+            # their transfer overlaps this compute.
+            target = dkv if last and dkv is not None else tuple(
+                torch.zeros(k.shape, dtype=lse.dtype, device=k.device) for _ in range(2))
             for q_chunk, k_chunk in pairs:
                 rows = lambda x: _rows(x, q_chunk)  # noqa: E731
                 dq_pair, dk_pair, dv_pair, d_table_pair = backend.backward(
                     rows(grad_out), grad_lse_rows[q_chunk], rows(q), _rows(kv[0], k_chunk), _rows(kv[1], k_chunk),
                     rows(out), lse_rows[q_chunk], _pair_spec(spec, q_chunk, k_chunk), rel_grad)
                 rows(dq).add_(dq_pair)
-                _rows(contribution[0], k_chunk).add_(dk_pair)
-                _rows(contribution[1], k_chunk).add_(dv_pair)
+                _rows(target[0], k_chunk).add_(dk_pair)
+                _rows(target[1], k_chunk).add_(dv_pair)
                 if rel_grad:
                     d_table = d_table_pair if d_table is None else d_table + d_table_pair
             wait_all(dkv_works)
-            dkv = contribution if dkv is None else tuple(acc.add_(c) for acc, c in zip(dkv, contribution))
-            del contribution
-            if t < plan.shifts:
+            if target is not dkv:
+                dkv = target if dkv is None else tuple(acc.add_(c) for acc, c in zip(dkv, target))
+            del target
+            if not last:
                 dkv, dkv_works = plan.shift(dkv, _GRAD_TAG)
             wait_all(works)
             kv = incoming
