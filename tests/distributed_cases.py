@@ -175,3 +175,21 @@ def train_losses(rank: int, world: int, scheme: str, layout: str, method: str, s
     assert worst <= 1e-5, f"losses differ by {worst:.2e} relative:\n one process {single}\n context parallel {parallel}"
     assert single[-1] < single[0], f"training did not lower the loss: {single}"
     return worst
+
+
+def subgroup_call(rank: int, world: int) -> str:
+    """Two context-parallel groups side by side ({0, 1} and {2, ..}): each rank calls with its own group and gets
+    its rows of one-process attention over its group's sequence; a call with the other group (whose member this
+    rank is not) raises a ValueError naming group, on that rank, before any communication."""
+    groups = [dist.new_group([0, 1]), dist.new_group(list(range(2, world)))]  # every rank creates both
+    mine, other = (groups[0], groups[1]) if rank < 2 else (groups[1], groups[0])
+    gen = torch.Generator().manual_seed(7 + (rank >= 2))  # a different sequence per group
+    q, k, v = (torch.randn(1, 2, 8 * dist.get_world_size(mine), 8, generator=gen) for _ in range(3))
+    out = context_parallel_attention(*(shard_sequence(x, mine) for x in (q, k, v)), "alibi", causal=True, group=mine)
+    expected = shard_sequence(fused_attention(q, k, v, "alibi", causal=True), mine)
+    assert max_err(out, expected) <= FP32_RELATIVE * max(1.0, expected.abs().max().item())
+    try:
+        context_parallel_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], "alibi", causal=True, group=other)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"rank {rank}: no error for a group it is not a member of")

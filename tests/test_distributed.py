@@ -5,6 +5,9 @@ tiny LM trained with its sequence split over 2 ranks; bad input raising on every
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,6 +134,11 @@ def test_bad_input_raises_on_every_rank(bad_rank, change, message):
         assert message in error, f"rank {rank}: {error}"
 
 
+def test_groups_side_by_side_and_a_group_without_this_rank():
+    for rank, error in enumerate(on_ranks(4, distributed_cases.subgroup_call)):
+        assert error.startswith("group: this process (global rank") and "is not a member" in error, (rank, error)
+
+
 # Without processes: the plan's skipping and the layouts' bookkeeping.
 
 def test_zigzag_balances_causal_work_and_skips_invisible_pairs():
@@ -177,3 +185,17 @@ def test_layout_round_trip(layout):
     assert torch.equal(global_to_rank_major(x.transpose(0, 1), layout, world), rank_major)
     if layout == "zigzag":
         assert shards[1].flatten().tolist() == list(range(6, 12)) + list(range(36, 42))  # chunks 1 and 2P - 2
+
+
+def test_torchrun_example(tmp_path):
+    """The README's torchrun command (examples/context_parallel.py) runs on CPUs and agrees with one device."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(root, "examples", "context_parallel.py"), "--seq-len", "512"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "max |context parallel - one device|" in line]
+    assert len(lines) == 3, done.stdout
+    for line in lines:
+        assert float(line.rsplit("= ", 1)[1]) < 1e-4, line
