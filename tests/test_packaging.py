@@ -290,13 +290,14 @@ torch.where torch.zeros torch.zeros_like
 torch.SymInt torch._dynamo.explain torch._dynamo.mark_dynamic torch._dynamo.reset torch._dynamo.testing
 torch._dynamo.testing.CompileCounterWithBackend torch.compiler torch.compiler.is_compiling torch.library
 torch.library.custom_op torch.library.opcheck torch.library.register_fake torch.searchsorted torch.long torch.pow
-torch.distributed torch.distributed.P2POp torch.distributed.ProcessGroup torch.distributed.ReduceOp
+torch.distributed torch.distributed.GroupMember torch.distributed.GroupMember.NON_GROUP_MEMBER
+torch.distributed.P2POp torch.distributed.ProcessGroup torch.distributed.ReduceOp
 torch.distributed.ReduceOp.MAX torch.distributed.all_gather_into_tensor torch.distributed.all_gather_object
 torch.distributed.all_reduce torch.distributed.barrier torch.distributed.batch_isend_irecv
 torch.distributed.destroy_process_group torch.distributed.get_backend torch.distributed.get_global_rank
 torch.distributed.get_process_group_ranks torch.distributed.get_rank torch.distributed.get_world_size
 torch.distributed.group torch.distributed.group.WORLD torch.distributed.init_process_group torch.distributed.irecv
-torch.distributed.is_available torch.distributed.is_initialized torch.distributed.isend
+torch.distributed.is_available torch.distributed.is_initialized torch.distributed.isend torch.distributed.new_group
 torch.distributed.reduce_scatter_tensor
 """.split())
 # torch.distributed: all in torch 2.5's distributed_c10d.__all__ and still in 2.13 (all_gather_into_tensor and

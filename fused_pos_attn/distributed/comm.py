@@ -19,6 +19,8 @@ def group_rank_and_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
                            "(or run under torchrun) before context-parallel calls")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on processes outside the group
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
