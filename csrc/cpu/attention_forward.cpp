@@ -22,7 +22,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     task_start[b + 1] = task_start[b] + (p.q_len(b) + block_m - 1) / block_m * p.heads_q;
   }
   const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
-  const bool relative = p.pos == PosKind::kRelative;
   RopeTables<acc_t> rope_q, rope_k;
   const RopeTables<acc_t>* q_rope = nullptr;
   const RopeTables<acc_t>* k_rope = nullptr;  // q's table in self-attention
@@ -73,17 +72,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             continue;
           }
           const int64_t rel0 = p.q_offset[b] + i0 + r - (p.k_offset[b] + n0);
-          if (alibi) add_alibi_bias(s, lo, hi, slope, rel0);
-          if (relative) add_relative_bias(s, lo, hi, p.rel_bias + h * p.rel_bias_stride_h(), p.max_distance, rel0);
-          const acc_t m_new = std::max(row_max_v[r], row_max(s, lo, hi));
-          const acc_t alpha = std::exp(row_max_v[r] - m_new);  // 0 when the row had no key before
-          const acc_t sum = exp_row(s, cols, lo, hi, m_new);
-          row_sum[r] = row_sum[r] * alpha + sum;
-          row_max_v[r] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* a = acc.data() + r * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-          }
+          softmax_block_row(p, h, slope, s, cols, lo, hi, rel0, row_max_v[r], row_sum[r], acc.data() + r * D, D);
         }
 
         const auto [v_ptr, ldv] = gemm_rows(vv, v_in_place, tb, kv_h, k_row0 + n0, cols, D,
@@ -111,6 +100,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   // LSE in the accumulation type: fp32, or fp64 for fp64 inputs; (1, Hq, total_q) when packed.
   auto lse = at::empty({q.size(0), p.heads_q, p.seq_q},
                        q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  if (uses_decode_path(q, p)) {
+    attention_decode_forward(q, k, v, out, lse, p);
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_forward_cpu",
                                   [&] { forward_impl<scalar_t>(q, k, v, out, lse, p); });
   return {out, lse};

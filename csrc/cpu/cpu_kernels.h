@@ -17,6 +17,14 @@ namespace fused_pos_attn::cpu {
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const AttentionParams& params);
 
+// The decode forward (attention_decode.cpp) serves calls with at most kDecodeMaxRows query rows per batch /
+// sequence (and not fp64): query heads of a GQA group share each key load, keys split across threads when
+// B x Hkv is below the thread count, RoPE key tables cached across calls. attention_forward dispatches to it.
+constexpr int64_t kDecodeMaxRows = 16;
+bool uses_decode_path(const at::Tensor& q, const AttentionParams& params);
+void attention_decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                              at::Tensor& lse, const AttentionParams& params);
+
 // Gradients of attention_forward's out and lse: dq like q, dk like k, dv like v, for grad_out like q and
 // grad_lse (B, Hq, Nq) like lse or undefined (zero): delta = rowsum(dO * O) - dLSE. d_rel_bias: the relative
 // table's gradient (Hq, 2, max_distance + 1) fp32 to fill when pos is relative, or empty to skip that work;

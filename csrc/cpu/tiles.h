@@ -70,6 +70,19 @@ inline void cos_sin_fp32(const float* x, int64_t n, float* cos_out, float* sin_o
   }
 }
 
+// cos and sin (times the attention factor) of every rotation pair at position pos: pairs values each, fp32
+// angles as position.h's rope_angle computes them. The one place the CPU kernels' RoPE table entries come from.
+inline void rope_cos_sin_row(int64_t pos, const float* inv_freq, int pairs, double attention_factor, float* angle,
+                             float* cos_out, float* sin_out) {
+  for (int pair = 0; pair < pairs; ++pair) angle[pair] = rope_angle(pos, inv_freq[pair]);
+  cos_sin_fp32(angle, pairs, cos_out, sin_out);
+  const float factor = static_cast<float>(attention_factor);
+  for (int pair = 0; pair < pairs; ++pair) {
+    cos_out[pair] *= factor;
+    sin_out[pair] *= factor;
+  }
+}
+
 // The tables of q's rows (keys false) or k's rows (keys true).
 template <typename acc_t>
 RopeTables<acc_t> make_rope_tables(const AttentionParams& p, bool keys) {
@@ -82,27 +95,22 @@ RopeTables<acc_t> make_rope_tables(const AttentionParams& p, bool keys) {
   t.cos.resize(p.tensor_batches() * t.seq * pairs);
   t.sin.resize(p.tensor_batches() * t.seq * pairs);
   at::parallel_for(0, p.batch * max_len, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> angle(pairs), cos_f(pairs), sin_f(pairs);
+    std::vector<float> angle(pairs);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / max_len, n = idx % max_len;
       const RowRange rows = keys ? p.k_rows(b) : p.q_rows(b);
       if (n >= rows.len) continue;
       const int64_t pos = offset[b] + n;
-      for (int pair = 0; pair < pairs; ++pair) angle[pair] = rope_angle(pos, p.inv_freq[pair]);
       const int64_t row = p.tensor_batch(b) * t.seq + rows.start + n;
       acc_t* cos_row = t.cos.data() + row * pairs;
       acc_t* sin_row = t.sin.data() + row * pairs;
       if constexpr (std::is_same_v<acc_t, float>) {
-        cos_sin_fp32(angle.data(), pairs, cos_f.data(), sin_f.data());
-        const float factor = static_cast<float>(p.attention_factor);
-        for (int pair = 0; pair < pairs; ++pair) {
-          cos_row[pair] = cos_f[pair] * factor;
-          sin_row[pair] = sin_f[pair] * factor;
-        }
+        rope_cos_sin_row(pos, p.inv_freq, pairs, p.attention_factor, angle.data(), cos_row, sin_row);
       } else {  // fp64 (gradcheck): cos / sin of the fp32 angle in double
         for (int pair = 0; pair < pairs; ++pair) {
-          cos_row[pair] = static_cast<acc_t>(p.attention_factor * std::cos(static_cast<double>(angle[pair])));
-          sin_row[pair] = static_cast<acc_t>(p.attention_factor * std::sin(static_cast<double>(angle[pair])));
+          const double angle_d = rope_angle(pos, p.inv_freq[pair]);
+          cos_row[pair] = static_cast<acc_t>(p.attention_factor * std::cos(angle_d));
+          sin_row[pair] = static_cast<acc_t>(p.attention_factor * std::sin(angle_d));
         }
       }
     }
@@ -292,6 +300,27 @@ acc_t exp_row(acc_t* s, int64_t cols, int64_t lo, int64_t hi, acc_t shift) {
     sum += s[j];
   }
   return sum;
+}
+
+// One query row's scores s[0, cols) against a key block in the online softmax: adds the position bias of head h
+// (slope: its ALiBi slope) on the visible columns [lo, hi), exponentiates them against the updated running max
+// (row_max, row_sum) and rescales the row's output accumulator acc_row (D values); the other columns become 0.
+// rel0 = pq(row) - pk(column 0). Requires lo < hi.
+template <typename acc_t>
+void softmax_block_row(const AttentionParams& p, int64_t h, acc_t slope, acc_t* s, int64_t cols, int64_t lo,
+                       int64_t hi, int64_t rel0, acc_t& row_max_v, acc_t& row_sum, acc_t* acc_row, int64_t D) {
+  if (p.pos == PosKind::kAlibi) add_alibi_bias(s, lo, hi, slope, rel0);
+  if (p.pos == PosKind::kRelative) {
+    add_relative_bias(s, lo, hi, p.rel_bias + h * p.rel_bias_stride_h(), p.max_distance, rel0);
+  }
+  const acc_t m_new = std::max(row_max_v, row_max(s, lo, hi));
+  const acc_t alpha = std::exp(row_max_v - m_new);  // 0 when the row had no key before
+  const acc_t sum = exp_row(s, cols, lo, hi, m_new);
+  row_sum = row_sum * alpha + sum;
+  row_max_v = m_new;
+  if (alpha != acc_t(1)) {
+    for (int64_t d = 0; d < D; ++d) acc_row[d] *= alpha;
+  }
 }
 
 // Visible key interval [first, last) of each query row of a block, and the union over the block.

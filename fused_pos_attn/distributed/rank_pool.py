@@ -32,7 +32,16 @@ def _serve(rank: int, world: int, threads: int, port: int, tasks, results) -> No
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    while (task := tasks.get()) is not None:
+    parent = os.getppid()
+    while True:
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the pool's process died without closing it: do not linger
+                break
+            continue
+        if task is None:
+            break
         fn, args = task
         try:
             results.put((rank, True, fn(rank, world, *args)))

@@ -1,0 +1,265 @@
+// CPU decode forward: a few query rows per batch / sequence (the KV-cache decode step, Nq <= kDecodeMaxRows)
+// against many keys. One task per (batch or packed sequence, key split):
+// - a task walks its keys block by block and, per block, every kv head: the block's RoPE cos / sin rows are read
+//   from memory once for all heads (per head they would cost half as much traffic again as the keys);
+// - the query rows of every query head of a kv head's group (GQA) are scored together, so each key row is read,
+//   converted and rotated once per kv head instead of once per query head; scores and the value accumulation
+//   are vectorized dot products and AXPYs on rows (a BLAS call per block and head costs more than the work);
+// - when there are fewer batches / sequences than threads, the keys are split across tasks, each producing a
+//   partial (out, row max, row sum) that a last pass merges, so every thread reads its share of the cache;
+// - RoPE cos / sin of key positions come from a table kept across calls per frequency vector
+//   (RopePositionCache), grown as positions grow, instead of being recomputed for every cached key per call.
+#include "cpu_kernels.h"
+#include "tiles.h"
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+
+namespace fused_pos_attn::cpu {
+namespace {
+
+constexpr int64_t kDecodeBlockN = 64;            // keys per step: their RoPE tables stay in L1 across heads
+constexpr int64_t kMinKeysPerSplit = 1024;       // below this a split costs more to merge than it saves
+constexpr int64_t kCachedPositions = 1 << 17;    // key positions [0, this) read the cached tables
+constexpr size_t kCachedTables = 8;              // frequency vectors kept (most recently used)
+
+// cos and sin (attention factor folded in) of every rotation pair at positions [0, size): (size, pairs) each.
+struct CosSinTable {
+  std::vector<float> cos, sin;
+  int64_t size = 0;
+};
+
+// Per (inv_freq, attention factor): a table of positions [0, size), rebuilt larger (at least doubled, at most
+// kCachedPositions) when a call needs a position past its end. Tables are immutable once built: a caller keeps
+// its snapshot while another call grows the entry.
+std::shared_ptr<const CosSinTable> cached_cos_sin(const float* inv_freq, int pairs, double factor, int64_t end) {
+  using Key = std::pair<std::vector<float>, double>;
+  static std::mutex mutex;
+  static std::vector<std::pair<Key, std::shared_ptr<const CosSinTable>>> entries;  // least recently used first
+  Key key{std::vector<float>(inv_freq, inv_freq + pairs), factor};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = std::find_if(entries.begin(), entries.end(), [&](const auto& e) { return e.first == key; });
+  std::shared_ptr<const CosSinTable> table;
+  if (it != entries.end()) {
+    table = it->second;
+    entries.erase(it);
+  }
+  if (!table || table->size < end) {
+    auto grown = std::make_shared<CosSinTable>();
+    grown->size = std::min(kCachedPositions, std::max(end, table ? 2 * table->size : end));
+    grown->cos.resize(grown->size * pairs);
+    grown->sin.resize(grown->size * pairs);
+    at::parallel_for(0, grown->size, 256, [&](int64_t begin, int64_t stop) {
+      std::vector<float> angle(pairs);
+      for (int64_t pos = begin; pos < stop; ++pos) {
+        rope_cos_sin_row(pos, inv_freq, pairs, factor, angle.data(), grown->cos.data() + pos * pairs,
+                         grown->sin.data() + pos * pairs);
+      }
+    });
+    table = grown;
+  }
+  entries.emplace_back(std::move(key), table);
+  if (entries.size() > kCachedTables) entries.erase(entries.begin());
+  return table;
+}
+
+// Key / value row n of head (tb, h) as fp32: the tensor's own memory for fp32 rows with unit stride, else
+// converted into buf.
+template <typename scalar_t>
+const float* float_row(const View4<const scalar_t>& src, int64_t tb, int64_t h, int64_t n, int64_t D, float* buf) {
+  if (std::is_same_v<scalar_t, float> && src.stride_d == 1) return reinterpret_cast<const float*>(src.row(tb, h, n));
+  pack_rows(src, tb, h, n, 1, D, 1.0f, static_cast<const RopeTables<float>*>(nullptr), false, buf);
+  return buf;
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  using V = Vec<float>;
+  V sum(0.0f);
+  int64_t d = 0;
+  for (; d + V::size() <= D; d += V::size()) sum = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), sum);
+  float total = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, sum);
+  for (; d < D; ++d) total += a[d] * b[d];
+  return total;
+}
+
+// acc[0, D) += w * x[0, D).
+inline void axpy(float w, const float* x, float* acc, int64_t D) {
+  using V = Vec<float>;
+  const V vw(w);
+  int64_t d = 0;
+  for (; d + V::size() <= D; d += V::size()) at::vec::fmadd(vw, V::loadu(x + d), V::loadu(acc + d)).store(acc + d);
+  for (; d < D; ++d) acc[d] += w * x[d];
+}
+
+template <typename scalar_t>
+void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                 const AttentionParams& p) {
+  const int64_t D = p.head_dim, G = p.group(), pairs = p.rotary_dim / 2;
+  const int64_t max_rows = p.heads_q * p.max_q_len();  // query rows of one task: every head's
+  const int64_t block_n = std::max<int64_t>(1, std::min(kDecodeBlockN, p.max_k_len()));
+  if (p.batch == 0) return;  // a packed call of no sequence
+  const int64_t threads = at::get_num_threads();
+  // Tasks (b, key split), each over every head: a key block's RoPE tables are read once for all heads.
+  const int64_t splits = p.batch >= threads ? 1
+                                            : std::clamp<int64_t>((threads + p.batch - 1) / p.batch, 1,
+                                                                  std::max<int64_t>(1, p.max_k_len() / kMinKeysPerSplit));
+  const bool rope = p.pos == PosKind::kRope;
+  std::shared_ptr<const CosSinTable> table;
+  if (rope) {
+    int64_t end = 0;  // past the largest key position the cache covers
+    for (int64_t b = 0; b < p.batch; ++b) end = std::max(end, p.k_offset[b] + p.k_len(b));
+    end = std::min(end, kCachedPositions);
+    if (end > 0) table = cached_cos_sin(p.inv_freq, static_cast<int>(pairs), p.attention_factor, end);
+  }
+  const auto qv = view4<const scalar_t>(q), kv = view4<const scalar_t>(k), vv = view4<const scalar_t>(v);
+  const auto ov = view4<scalar_t>(out);
+  float* lse_data = lse.data_ptr<float>();
+  const int64_t num_tasks = p.batch * splits;
+  std::vector<float> partial(splits > 1 ? num_tasks * max_rows * (D + 2) : 0);  // (acc, max, sum) per task row
+
+  // Output row r = h * q_len + i of b (query head h, row i) from its accumulator, max and sum.
+  const auto write_row = [&](int64_t b, int64_t r, const float* acc, float row_max_v, float row_sum) {
+    const int64_t nq = p.q_len(b), h = r / nq, row = p.q_start(b) + r % nq, tb = p.tensor_batch(b);
+    const bool empty = row_sum == 0.0f;  // no visible key: out 0, lse -inf
+    const float inv = empty ? 0.0f : 1.0f / row_sum;
+    scalar_t* o = ov.row(tb, h, row);
+    for (int64_t d = 0; d < D; ++d) o[d * ov.stride_d] = static_cast<scalar_t>(acc[d] * inv);
+    lse_data[(tb * p.heads_q + h) * p.seq_q + row] =
+        empty ? -std::numeric_limits<float>::infinity() : row_max_v + std::log(row_sum);
+  };
+
+  parallel_tasks(num_tasks, {}, [&](const auto& next_task) {
+    std::vector<float> q_tile(max_rows * D), scores(G * p.max_q_len() * block_n), acc(max_rows * D);
+    std::vector<float> row_max_v(max_rows), row_sum(max_rows), row_buf(D), angle(pairs + 1);
+    std::vector<float> block_cos(block_n * pairs), block_sin(block_n * pairs);
+    std::vector<KeyInterval> intervals;
+    for (int64_t task = next_task(); task >= 0; task = next_task()) {
+      const int64_t b = task / splits, split = task % splits;
+      const int64_t nq = p.q_len(b), rows = p.heads_q * nq, tb = p.tensor_batch(b), k_row0 = p.k_start(b);
+      // Query rows r = h * nq + i (so a kv head's group is one run of G * nq rows), scaled and rotated.
+      for (int64_t h = 0; h < p.heads_q; ++h) {
+        pack_rows(qv, tb, h, p.q_start(b), nq, D, static_cast<float>(p.scale),
+                  static_cast<const RopeTables<float>*>(nullptr), false, q_tile.data() + h * nq * D);
+      }
+      for (int64_t i = 0; rope && i < nq; ++i) {
+        rope_cos_sin_row(p.q_offset[b] + i, p.inv_freq, static_cast<int>(pairs), p.attention_factor, angle.data(),
+                         block_cos.data(), block_sin.data());
+        for (int64_t h = 0; h < p.heads_q; ++h) {
+          rotate_row<false>(q_tile.data() + (h * nq + i) * D, block_cos.data(), block_sin.data(), p.rotary_dim,
+                            p.interleaved);
+        }
+      }
+      intervals.resize(nq);
+      int64_t lo = p.k_len(b), hi = 0;
+      for (int64_t i = 0; i < nq; ++i) {
+        intervals[i] = visible_keys(p.q_offset[b] + i, p.k_offset[b], p.k_len(b), p.causal, p.window);
+        if (intervals[i].first < intervals[i].last) {
+          lo = std::min(lo, intervals[i].first);
+          hi = std::max(hi, intervals[i].last);
+        }
+      }
+      const int64_t per_split = hi > lo ? (hi - lo + splits - 1) / splits : 0;
+      const int64_t split_lo = std::min(hi, lo + split * per_split), split_hi = std::min(hi, split_lo + per_split);
+      std::fill(row_max_v.begin(), row_max_v.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.0f);
+
+      for (int64_t n0 = split_lo; n0 < split_hi; n0 += block_n) {
+        const int64_t cols = std::min(block_n, split_hi - n0), pos0 = p.k_offset[b] + n0;
+        // The block's RoPE tables, read from memory once for every head: the cached rows, or computed here.
+        const float* cos_block = nullptr;
+        const float* sin_block = nullptr;
+        if (rope && table && pos0 >= 0 && pos0 + cols <= table->size) {
+          cos_block = table->cos.data() + pos0 * pairs;
+          sin_block = table->sin.data() + pos0 * pairs;
+        } else if (rope) {
+          for (int64_t j = 0; j < cols; ++j) {
+            rope_cos_sin_row(pos0 + j, p.inv_freq, static_cast<int>(pairs), p.attention_factor, angle.data(),
+                             block_cos.data() + j * pairs, block_sin.data() + j * pairs);
+          }
+          cos_block = block_cos.data();
+          sin_block = block_sin.data();
+        }
+        for (int64_t kv_h = 0; kv_h < p.heads_kv; ++kv_h) {
+          const int64_t r0 = kv_h * G * nq, group_rows = G * nq;  // this kv head's query rows
+          for (int64_t j = 0; j < cols; ++j) {
+            const float* key = float_row(kv, tb, kv_h, k_row0 + n0 + j, D, row_buf.data());
+            if (rope) {
+              if (key != row_buf.data()) std::copy(key, key + D, row_buf.data());
+              rotate_row<false>(row_buf.data(), cos_block + j * pairs, sin_block + j * pairs, p.rotary_dim,
+                                p.interleaved);
+              key = row_buf.data();
+            }
+            for (int64_t r = 0; r < group_rows; ++r) scores[r * cols + j] = dot(q_tile.data() + (r0 + r) * D, key, D);
+          }
+          for (int64_t r = 0; r < group_rows; ++r) {
+            const int64_t i = r % nq, h = kv_h * G + r / nq;
+            float* s = scores.data() + r * cols;
+            const int64_t row_lo = std::clamp(intervals[i].first - n0, int64_t{0}, cols);
+            const int64_t row_hi = std::clamp(intervals[i].last - n0, int64_t{0}, cols);
+            if (row_lo >= row_hi) {
+              std::fill(s, s + cols, 0.0f);
+              continue;
+            }
+            const float slope = p.pos == PosKind::kAlibi ? p.slope(b, h) : 0.0f;
+            const int64_t rel0 = p.q_offset[b] + i - (p.k_offset[b] + n0);
+            softmax_block_row(p, h, slope, s, cols, row_lo, row_hi, rel0, row_max_v[r0 + r], row_sum[r0 + r],
+                              acc.data() + (r0 + r) * D, D);
+          }
+          for (int64_t j = 0; j < cols; ++j) {
+            const float* value = float_row(vv, tb, kv_h, k_row0 + n0 + j, D, row_buf.data());
+            for (int64_t r = 0; r < group_rows; ++r) {
+              const float w = scores[r * cols + j];
+              if (w != 0.0f) axpy(w, value, acc.data() + (r0 + r) * D, D);
+            }
+          }
+        }
+      }
+      if (splits == 1) {
+        for (int64_t r = 0; r < rows; ++r) write_row(b, r, acc.data() + r * D, row_max_v[r], row_sum[r]);
+        continue;
+      }
+      float* part = partial.data() + task * max_rows * (D + 2);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy(acc.data() + r * D, acc.data() + (r + 1) * D, part + r * (D + 2));
+        part[r * (D + 2) + D] = row_max_v[r];
+        part[r * (D + 2) + D + 1] = row_sum[r];
+      }
+    }
+  });
+  if (splits == 1) return;
+  // Merge the splits of each batch / sequence: rescale every split's partial to the common max and sum them.
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t r = 0; r < p.heads_q * p.q_len(b); ++r) {
+        const auto part = [&](int64_t s) { return partial.data() + ((b * splits + s) * max_rows + r) * (D + 2); };
+        float m = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) m = std::max(m, part(s)[D]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t s = 0; s < splits; ++s) {
+          if (part(s)[D + 1] == 0.0f) continue;  // no visible key in this split
+          const float w = std::exp(part(s)[D] - m);
+          sum += part(s)[D + 1] * w;
+          for (int64_t d = 0; d < D; ++d) acc[d] += part(s)[d] * w;
+        }
+        write_row(b, r, acc.data(), m, sum);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool uses_decode_path(const at::Tensor& q, const AttentionParams& p) {
+  return q.scalar_type() != at::kDouble && p.max_q_len() <= kDecodeMaxRows;
+}
+
+void attention_decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                              at::Tensor& lse, const AttentionParams& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_pos_attn_decode_cpu",
+                                  [&] { decode_impl<scalar_t>(q, k, v, out, lse, p); });
+}
+
+}  // namespace fused_pos_attn::cpu
