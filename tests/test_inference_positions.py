@@ -112,3 +112,79 @@ def test_chunked_prefill_from_empty_cache(backend):
     q, k, v = (t.to(device) for t in (q, k, v))
     default = fused_attention(q[:, :, 5:10], k[:, :, :10], v[:, :, :10], pos, causal=True, backend=backend)
     assert_close_to_reference(default.cpu(), full64[:, :, 5:10], full32[:, :, 5:10], 2.0, "default offsets")
+
+
+def _rotated_sdpa(q, k, v, q_pos, k_pos, inv_freq):
+    """The outside construction a model without the kernel uses: rotate q and k (rotate-half) at the given
+    positions with these frequencies, then F.scaled_dot_product_attention (every key visible)."""
+    def rotate(x, positions):
+        angle = positions.double()[:, None] * inv_freq.double()[None, :]  # (N, D / 2)
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+    return torch.nn.functional.scaled_dot_product_attention(rotate(q, q_pos), rotate(k, k_pos), v)
+
+
+@pytest.mark.parametrize("backend", ["cpu", TRITON])
+@pytest.mark.parametrize("scheme", ["rope", "alibi"])
+def test_streaming_eviction_keeps_the_cache_untouched(scheme, backend):
+    """StreamingLLM-style decoding: keep 4 "sink" tokens and the most recent window, evict the middle, and keep
+    positions contiguous inside the cache (the next token sits at the cache's new length). With un-rotated keys
+    the eviction is the only change to the cache: the kept keys are moved, never re-rotated, and every later
+    decode step equals attention over those keys at their new positions (a pre-rotated cache would hold them
+    rotated at their old positions)."""
+    device = "cpu" if backend == "cpu" else DEVICE
+    gen = torch.Generator().manual_seed(3)
+    sinks, recent, steps = 4, 12, 5
+    k_cache, v_cache = (torch.randn(1, 2, 40, 32, generator=gen).double().to(device) for _ in range(2))
+    length = 40  # a full cache: evict down to sinks + recent
+    kept = torch.cat((torch.arange(sinks), torch.arange(length - recent, length)))
+    before = k_cache[:, :, kept].clone()
+    k_cache[:, :, :sinks + recent] = k_cache[:, :, kept].clone()  # the eviction: move the kept slots together
+    v_cache[:, :, :sinks + recent] = v_cache[:, :, kept].clone()
+    length = sinks + recent
+    assert torch.equal(k_cache[:, :, :length], before)  # moved bit for bit: no re-rotation
+    pos = RoPE(theta=100.0) if scheme == "rope" else ALiBi()
+    for _ in range(steps):
+        q, k_new, v_new = (torch.randn(1, heads, 1, 32, generator=gen).double().to(device) for heads in (4, 2, 2))
+        k_cache[:, :, length:length + 1], v_cache[:, :, length:length + 1] = k_new, v_new
+        length += 1
+        out = fused_attention(q.float(), k_cache[:, :, :length].float(), v_cache[:, :, :length].float(), pos,
+                              causal=True, q_offset=length - 1, backend=backend)
+        keys, values = (t[:, :, :length].cpu().repeat_interleave(2, 1) for t in (k_cache, v_cache))
+        if scheme == "rope":
+            inv_freq = pos.resolve(1, 4, 32, length, torch.device("cpu")).inv_freq
+            expected = _rotated_sdpa(q.cpu(), keys, values, torch.tensor([length - 1]), torch.arange(length), inv_freq)
+        else:
+            expected = fused_attention(q.cpu(), k_cache[:, :, :length].cpu(), v_cache[:, :, :length].cpu(), pos,
+                                       causal=True, q_offset=length - 1, backend="reference")
+        assert (out.cpu().double() - expected).abs().max() < 1e-4, f"{scheme} step at length {length}"
+
+
+@pytest.mark.parametrize("backend", ["cpu", TRITON])
+def test_dynamic_ntk_switch_rotates_cached_keys_with_the_new_frequencies(backend):
+    """Decoding past DynamicNTK's original length changes the frequencies every step; the kernel rotates every
+    cached (un-rotated) key with the current step's, which is transformers' dynamic inv_freq at that length
+    (Hugging Face instead keeps each key rotated with the frequencies of the call that cached it)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from fused_pos_attn import DynamicNTK
+    device = "cpu" if backend == "cpu" else DEVICE
+    gen = torch.Generator().manual_seed(4)
+    original, dim = 16, 32
+    config = LlamaConfig(head_dim=dim, hidden_size=4 * dim, num_attention_heads=4, max_position_embeddings=original,
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0})
+    pos = RoPE(theta=100.0, scaling=DynamicNTK(2.0, original_max_len=original))
+    k_cache, v_cache = (torch.randn(1, 4, 30, dim, generator=gen) for _ in range(2))
+    previous = None
+    for length in range(original - 1, 30):  # crosses the original length
+        q = torch.randn(1, 4, 1, dim, generator=gen)
+        out = fused_attention(q.to(device), k_cache[:, :, :length].to(device), v_cache[:, :, :length].to(device), pos,
+                              causal=True, q_offset=length - 1, backend=backend).cpu()
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=length)
+        expected = _rotated_sdpa(q.double(), k_cache[:, :, :length].double(), v_cache[:, :, :length].double(),
+                                 torch.tensor([length - 1]), torch.arange(length), inv_freq)
+        assert (out.double() - expected).abs().max() < 1e-4, f"length {length}"
+        if length > original:
+            assert previous is not None and not torch.equal(inv_freq, previous)  # the frequencies did change
+        previous = inv_freq

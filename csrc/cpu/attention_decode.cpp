@@ -7,8 +7,9 @@
 //   are vectorized dot products and AXPYs on rows (a BLAS call per block and head costs more than the work);
 // - when there are fewer batches / sequences than threads, the keys are split across tasks, each producing a
 //   partial (out, row max, row sum) that a last pass merges, so every thread reads its share of the cache;
-// - RoPE cos / sin of key positions come from a table kept across calls per frequency vector
-//   (RopePositionCache), grown as positions grow, instead of being recomputed for every cached key per call.
+// - RoPE cos / sin of key positions come from tables kept across calls per frequency vector (cached_cos_sin:
+//   the 4 most recent, at most 2^17 positions and 2 x 16 MiB each), grown as positions grow, instead of being
+//   recomputed for every cached key on every call; positions outside a table are computed per call.
 #include "cpu_kernels.h"
 #include "tiles.h"
 
@@ -21,8 +22,14 @@ namespace {
 
 constexpr int64_t kDecodeBlockN = 64;            // keys per step: their RoPE tables stay in L1 across heads
 constexpr int64_t kMinKeysPerSplit = 1024;       // below this a split costs more to merge than it saves
-constexpr int64_t kCachedPositions = 1 << 17;    // key positions [0, this) read the cached tables
-constexpr size_t kCachedTables = 8;              // frequency vectors kept (most recently used)
+constexpr int64_t kCachedPositions = 1 << 17;    // key positions [0, this) read the cached tables ...
+constexpr int64_t kCachedFloats = 1 << 22;       // ... up to this many floats per cos / sin table (16 MiB)
+constexpr size_t kCachedTables = 4;              // frequency vectors kept (most recently used)
+
+// The positions a table for `pairs` rotation pairs may cover.
+int64_t cacheable_positions(int64_t pairs) {
+  return std::min(kCachedPositions, kCachedFloats / std::max<int64_t>(1, pairs));
+}
 
 // cos and sin (attention factor folded in) of every rotation pair at positions [0, size): (size, pairs) each.
 struct CosSinTable {
@@ -47,7 +54,7 @@ std::shared_ptr<const CosSinTable> cached_cos_sin(const float* inv_freq, int pai
   }
   if (!table || table->size < end) {
     auto grown = std::make_shared<CosSinTable>();
-    grown->size = std::min(kCachedPositions, std::max(end, table ? 2 * table->size : end));
+    grown->size = std::min(cacheable_positions(pairs), std::max(end, table ? 2 * table->size : end));
     grown->cos.resize(grown->size * pairs);
     grown->sin.resize(grown->size * pairs);
     at::parallel_for(0, grown->size, 256, [&](int64_t begin, int64_t stop) {
@@ -101,15 +108,14 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   if (p.batch == 0) return;  // a packed call of no sequence
   const int64_t threads = at::get_num_threads();
   // Tasks (b, key split), each over every head: a key block's RoPE tables are read once for all heads.
-  const int64_t splits = p.batch >= threads ? 1
-                                            : std::clamp<int64_t>((threads + p.batch - 1) / p.batch, 1,
-                                                                  std::max<int64_t>(1, p.max_k_len() / kMinKeysPerSplit));
+  const int64_t most_splits = std::max<int64_t>(1, p.max_k_len() / kMinKeysPerSplit);
+  const int64_t splits = std::clamp<int64_t>((threads + p.batch - 1) / p.batch, 1, most_splits);
   const bool rope = p.pos == PosKind::kRope;
   std::shared_ptr<const CosSinTable> table;
   if (rope) {
     int64_t end = 0;  // past the largest key position the cache covers
     for (int64_t b = 0; b < p.batch; ++b) end = std::max(end, p.k_offset[b] + p.k_len(b));
-    end = std::min(end, kCachedPositions);
+    end = std::min(end, cacheable_positions(pairs));
     if (end > 0) table = cached_cos_sin(p.inv_freq, static_cast<int>(pairs), p.attention_factor, end);
   }
   const auto qv = view4<const scalar_t>(q), kv = view4<const scalar_t>(k), vv = view4<const scalar_t>(v);
