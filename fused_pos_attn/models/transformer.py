@@ -80,6 +80,19 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    def evict(self, sinks: int, recent: int) -> None:
+        """StreamingLLM-style eviction: keep the first `sinks` and the last `recent` positions, moved together so
+        that positions stay contiguous in the cache (the next token sits at sinks + recent). Exact for the fused
+        path, whose keys are un-rotated: the kernel rotates them at their new positions. (The sdpa path's keys
+        are cached rotated at their old positions; moving them does not re-rotate them.)"""
+        if sinks < 0 or recent < 0:
+            raise ValueError(f"sinks and recent must be >= 0, got {sinks} and {recent}")
+        if sinks + recent >= self.length:
+            return
+        for buffer in self.keys + self.values:
+            buffer[:, sinks:sinks + recent] = buffer[:, self.length - recent:self.length].clone()
+        self.length = sinks + recent
+
     def fill_random(self, length: int, generator: Optional[torch.Generator] = None) -> None:
         """Pretend `length` tokens were prefilled: standard-normal keys/values (timing does not depend on them)."""
         if length > self.max_len:
