@@ -36,7 +36,7 @@ def _check(q, k, v, pos, threads, **kwargs):
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("threads,heads", [(1, (4, 4)), (2, (4, 1)), (4, (8, 2))])
 def test_decode_matches_reference(scheme, threads, heads):
-    """Nq 1 and 5 over 2600 keys: with 2 and 4 threads and B x Hkv = 1 or 2 the keys split into 2 tasks."""
+    """Nq 1 and 5 over 2600 keys, B = 1: with 2 and 4 threads the keys split into one task per thread."""
     hq, hkv = heads
     gen = torch.Generator().manual_seed(0)
     for nq in (1, 5):

@@ -21,7 +21,7 @@ namespace fused_pos_attn::cpu {
 namespace {
 
 constexpr int64_t kDecodeBlockN = 64;            // keys per step: their RoPE tables stay in L1 across heads
-constexpr int64_t kMinKeysPerSplit = 1024;       // below this a split costs more to merge than it saves
+constexpr int64_t kMinKeysPerSplit = 256;        // below this a split costs more to merge than it saves
 constexpr int64_t kCachedPositions = 1 << 17;    // key positions [0, this) read the cached tables ...
 constexpr int64_t kCachedFloats = 1 << 22;       // ... up to this many floats per cos / sin table (16 MiB)
 constexpr size_t kCachedTables = 4;              // frequency vectors kept (most recently used)
