@@ -496,7 +496,9 @@ class RelativeBias(PositionScheme):
                 f"bidirectional={self.bidirectional})")
 
 
-_BY_NAME = {"none": NoPosition, "alibi": ALiBi, "rope": RoPE}
+# The schemes named by strings: one default instance each, so that their per-device caches (frequencies, slopes)
+# persist across calls (a decode step passing pos="rope" would otherwise recompute the frequencies every call).
+_BY_NAME = {"none": NoPosition(), "alibi": ALiBi(), "rope": RoPE()}
 PositionArg = Union[str, PositionScheme]
 
 
@@ -507,6 +509,6 @@ def as_position_scheme(pos: PositionArg) -> PositionScheme:
     if isinstance(pos, str):
         if pos not in _BY_NAME:
             raise ValueError(f"pos must be one of {sorted(_BY_NAME)} or a position object, got {pos!r}")
-        return _BY_NAME[pos]()
+        return _BY_NAME[pos]
     raise TypeError(f"pos must be a str or a position object (ALiBi, RoPE, RelativeBias), "
                     f"got {type(pos).__name__}")

@@ -3,14 +3,14 @@
 // - a task walks its keys block by block and, per block, every kv head: the block's RoPE cos / sin rows are read
 //   from memory once for all heads (per head they would cost half as much traffic again as the keys);
 // - the query rows of every query head of a kv head's group (GQA) are scored together, so each key row is read,
-//   converted and rotated once per kv head instead of once per query head; scores and the value accumulation
-//   are vectorized dot products and AXPYs on rows (a BLAS call per block and head costs more than the work);
+//   converted and rotated once per kv head instead of once per query head (one GEMM per block and kv head);
 // - when there are fewer batches / sequences than threads, the keys are split across tasks, each producing a
 //   partial (out, row max, row sum) that a last pass merges, so every thread reads its share of the cache;
 // - RoPE cos / sin of key positions come from tables kept across calls per frequency vector (cached_cos_sin:
 //   the 4 most recent, at most 2^17 positions and 2 x 16 MiB each), grown as positions grow, instead of being
 //   recomputed for every cached key on every call; positions outside a table are computed per call.
 #include "cpu_kernels.h"
+#include "gemm.h"
 #include "tiles.h"
 
 #include <algorithm>
@@ -20,7 +20,7 @@
 namespace fused_pos_attn::cpu {
 namespace {
 
-constexpr int64_t kDecodeBlockN = 64;            // keys per step: their RoPE tables stay in L1 across heads
+constexpr int64_t kDecodeBlockN = 256;           // keys per step: their RoPE tables stay in L2 across heads
 constexpr int64_t kMinKeysPerSplit = 256;        // below this a split costs more to merge than it saves
 constexpr int64_t kCachedPositions = 1 << 17;    // key positions [0, this) read the cached tables ...
 constexpr int64_t kCachedFloats = 1 << 22;       // ... up to this many floats per cos / sin table (16 MiB)
@@ -71,32 +71,44 @@ std::shared_ptr<const CosSinTable> cached_cos_sin(const float* inv_freq, int pai
   return table;
 }
 
-// Key / value row n of head (tb, h) as fp32: the tensor's own memory for fp32 rows with unit stride, else
-// converted into buf.
+// Rows [n0, n0 + rows) of head (tb, h) as a row-major fp32 matrix for a GEMM: the tensor's own memory for fp32
+// rows with unit stride and no rotation, else converted into tile (row stride D) and, when cos / sin are given
+// (row j's pairs at j * pairs), rotated. Returns the pointer and its row stride.
 template <typename scalar_t>
-const float* float_row(const View4<const scalar_t>& src, int64_t tb, int64_t h, int64_t n, int64_t D, float* buf) {
-  if (std::is_same_v<scalar_t, float> && src.stride_d == 1) return reinterpret_cast<const float*>(src.row(tb, h, n));
-  pack_rows(src, tb, h, n, 1, D, 1.0f, static_cast<const RopeTables<float>*>(nullptr), false, buf);
-  return buf;
-}
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  using V = Vec<float>;
-  V sum(0.0f);
-  int64_t d = 0;
-  for (; d + V::size() <= D; d += V::size()) sum = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), sum);
-  float total = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, sum);
-  for (; d < D; ++d) total += a[d] * b[d];
-  return total;
-}
-
-// acc[0, D) += w * x[0, D).
-inline void axpy(float w, const float* x, float* acc, int64_t D) {
-  using V = Vec<float>;
-  const V vw(w);
-  int64_t d = 0;
-  for (; d + V::size() <= D; d += V::size()) at::vec::fmadd(vw, V::loadu(x + d), V::loadu(acc + d)).store(acc + d);
-  for (; d < D; ++d) acc[d] += w * x[d];
+std::pair<const float*, int64_t> block_rows(const View4<const scalar_t>& src, int64_t tb, int64_t h, int64_t n0,
+                                            int64_t rows, int64_t D, const float* cos, const float* sin,
+                                            const AttentionParams& p, float* tile) {
+  if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && !cos) {
+    return {reinterpret_cast<const float*>(src.row(tb, h, n0)), src.stride_n};
+  }
+  const int64_t pairs = p.rotary_dim / 2;
+  if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && cos && !p.interleaved) {
+    // fp32 rotate-half rows: rotated while copied, one pass over each row.
+    using V = Vec<float>;
+    for (int64_t j = 0; j < rows; ++j) {
+      const float* x = reinterpret_cast<const float*>(src.row(tb, h, n0 + j));
+      float* y = tile + j * D;
+      const float* c = cos + j * pairs;
+      const float* sn = sin + j * pairs;
+      int64_t i = 0;
+      for (; i + V::size() <= pairs; i += V::size()) {
+        const V a = V::loadu(x + i), b = V::loadu(x + i + pairs), vc = V::loadu(c + i), vs = V::loadu(sn + i);
+        (a * vc - b * vs).store(y + i);
+        (b * vc + a * vs).store(y + i + pairs);
+      }
+      for (; i < pairs; ++i) {
+        y[i] = x[i] * c[i] - x[i + pairs] * sn[i];
+        y[i + pairs] = x[i + pairs] * c[i] + x[i] * sn[i];
+      }
+      std::copy(x + p.rotary_dim, x + D, y + p.rotary_dim);
+    }
+    return {tile, D};
+  }
+  pack_rows(src, tb, h, n0, rows, D, 1.0f, static_cast<const RopeTables<float>*>(nullptr), false, tile);
+  for (int64_t j = 0; cos && j < rows; ++j) {
+    rotate_row<false>(tile + j * D, cos + j * pairs, sin + j * pairs, p.rotary_dim, p.interleaved);
+  }
+  return {tile, D};
 }
 
 template <typename scalar_t>
@@ -136,8 +148,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   };
 
   parallel_tasks(num_tasks, {}, [&](const auto& next_task) {
+    SequentialBlasScope sequential_blas;
     std::vector<float> q_tile(max_rows * D), scores(G * p.max_q_len() * block_n), acc(max_rows * D);
-    std::vector<float> row_max_v(max_rows), row_sum(max_rows), row_buf(D), angle(pairs + 1);
+    std::vector<float> k_tile(block_n * D), v_tile(block_n * D), row_max_v(max_rows), row_sum(max_rows);
+    std::vector<float> angle(pairs + 1);
     std::vector<float> block_cos(block_n * pairs), block_sin(block_n * pairs);
     std::vector<KeyInterval> intervals;
     for (int64_t task = next_task(); task >= 0; task = next_task()) {
@@ -189,16 +203,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
         for (int64_t kv_h = 0; kv_h < p.heads_kv; ++kv_h) {
           const int64_t r0 = kv_h * G * nq, group_rows = G * nq;  // this kv head's query rows
-          for (int64_t j = 0; j < cols; ++j) {
-            const float* key = float_row(kv, tb, kv_h, k_row0 + n0 + j, D, row_buf.data());
-            if (rope) {
-              if (key != row_buf.data()) std::copy(key, key + D, row_buf.data());
-              rotate_row<false>(row_buf.data(), cos_block + j * pairs, sin_block + j * pairs, p.rotary_dim,
-                                p.interleaved);
-              key = row_buf.data();
-            }
-            for (int64_t r = 0; r < group_rows; ++r) scores[r * cols + j] = dot(q_tile.data() + (r0 + r) * D, key, D);
-          }
+          const auto [k_ptr, ldk] = block_rows(kv, tb, kv_h, k_row0 + n0, cols, D, cos_block, sin_block, p,
+                                               k_tile.data());
+          gemm<float>(false, true, group_rows, cols, D, 1.0f, q_tile.data() + r0 * D, D, k_ptr, ldk, 0.0f,
+                      scores.data(), cols);
           for (int64_t r = 0; r < group_rows; ++r) {
             const int64_t i = r % nq, h = kv_h * G + r / nq;
             float* s = scores.data() + r * cols;
@@ -213,13 +221,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
             softmax_block_row(p, h, slope, s, cols, row_lo, row_hi, rel0, row_max_v[r0 + r], row_sum[r0 + r],
                               acc.data() + (r0 + r) * D, D);
           }
-          for (int64_t j = 0; j < cols; ++j) {
-            const float* value = float_row(vv, tb, kv_h, k_row0 + n0 + j, D, row_buf.data());
-            for (int64_t r = 0; r < group_rows; ++r) {
-              const float w = scores[r * cols + j];
-              if (w != 0.0f) axpy(w, value, acc.data() + (r0 + r) * D, D);
-            }
-          }
+          const auto [v_ptr, ldv] = block_rows(vv, tb, kv_h, k_row0 + n0, cols, D, nullptr, nullptr, p,
+                                               v_tile.data());
+          gemm<float>(false, false, group_rows, D, cols, 1.0f, scores.data(), cols, v_ptr, ldv, 1.0f,
+                      acc.data() + r0 * D, D);
         }
       }
       if (splits == 1) {

@@ -11,6 +11,7 @@ features could die with SIGILL, so the CPU is checked first and a clear ImportEr
 """
 from __future__ import annotations
 
+import functools
 import platform
 from typing import Optional
 
@@ -105,6 +106,19 @@ def scheme_codes() -> dict[str, int]:
     return dict(zip(names, codes))
 
 
+@functools.lru_cache(maxsize=16)
+def _eager_placeholders(device: torch.device) -> dict:
+    return {"slopes": torch.zeros(1, 1, device=device), "inv_freq": torch.zeros(0, device=device),
+            "rel_bias": torch.zeros(0, 2, 1, device=device),
+            "cu_seqlens": torch.empty(0, dtype=torch.int64, device=device)}
+
+
+def _placeholders(device: torch.device) -> dict:
+    """The small tensors op_args passes for arguments a call does not use (never read by the kernels), made once
+    per device in eager mode (a decode step would otherwise allocate four per call)."""
+    return _eager_placeholders.__wrapped__(device) if torch.compiler.is_compiling() else _eager_placeholders(device)
+
+
 def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
     """The ops' per-call position / masking arguments, by name (FPA_CALL_ARGS in attention_params.h).
     Tensors a scheme does not use are small placeholders of the expected dtype on q's device. A packed
@@ -112,13 +126,14 @@ def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
     is the S sequences); a dense one empty (0,) int64 cu_seqlens and max_seqlen 0."""
     p = spec.position
     batch, heads = spec.num_sequences, q.shape[1]
-    slopes = p.slopes if p.slopes is not None else torch.zeros(1, 1, device=q.device).expand(batch, heads)
-    inv_freq = p.inv_freq if p.inv_freq is not None else torch.zeros(0, device=q.device)
-    rel_bias = p.rel_bias.detach() if p.rel_bias is not None else torch.zeros(0, 2, 1, device=q.device)
+    unused = _placeholders(q.device)
+    slopes = p.slopes if p.slopes is not None else unused["slopes"].expand(batch, heads)
+    inv_freq = p.inv_freq if p.inv_freq is not None else unused["inv_freq"]
+    rel_bias = p.rel_bias.detach() if p.rel_bias is not None else unused["rel_bias"]
     if spec.varlen:
         cu_seqlens_q, cu_seqlens_k = spec.cu_seqlens_q, spec.cu_seqlens_k
     else:
-        cu_seqlens_q = cu_seqlens_k = torch.empty(0, dtype=torch.int64, device=q.device)
+        cu_seqlens_q = cu_seqlens_k = unused["cu_seqlens"]
     return dict(q_offset=spec.q_offset, k_offset=spec.k_offset, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=spec.max_seqlen_q if spec.varlen else 0,
                 max_seqlen_k=spec.max_seqlen_k if spec.varlen else 0, pos=SCHEME_CODES[p.kind], slopes=slopes,
