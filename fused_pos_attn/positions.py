@@ -112,9 +112,12 @@ def _default_slopes_on(num_heads: int, device: torch.device) -> torch.Tensor:
 
 
 def _cached_copy(owner, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """tensor as contiguous fp32 on device, copied once per device and in-place version of tensor."""
+    """tensor as contiguous fp32 on device, copied once per device and in-place version of tensor (under
+    torch.compile copied in the graph, as _cached_frequencies computes)."""
     if tensor.device == device and tensor.dtype == torch.float32:
         return tensor
+    if torch.compiler.is_compiling():
+        return tensor.to(device=device, dtype=torch.float32).contiguous()
     cache = owner.__dict__.setdefault("_device_copies", {})
     key = (device, tensor.data_ptr(), tensor._version)
     if key not in cache:
@@ -125,7 +128,11 @@ def _cached_copy(owner, tensor: torch.Tensor, device: torch.device) -> torch.Ten
 
 def _cached_frequencies(rope: "RoPE", rotary_dim: int, device: torch.device) -> tuple[torch.Tensor, float]:
     """rope.frequencies for a length-independent RoPE, inv_freq on device, computed once per rotary_dim and
-    device (and version of a user-given inv_freq)."""
+    device (and version of a user-given inv_freq). Under torch.compile computed in the graph instead: a cache
+    filled during tracing would invalidate the compiled graph's guards on the next call."""
+    if torch.compiler.is_compiling():
+        inv_freq, factor = rope.frequencies(rotary_dim, 0)
+        return inv_freq.to(device).contiguous(), factor
     cache = rope.__dict__.setdefault("_device_frequencies", {})
     user = rope.inv_freq
     key = (rotary_dim, device, None if user is None else (user.data_ptr(), user._version))
@@ -496,9 +503,11 @@ class RelativeBias(PositionScheme):
                 f"bidirectional={self.bidirectional})")
 
 
-# The schemes named by strings: one default instance each, so that their per-device caches (frequencies, slopes)
-# persist across calls (a decode step passing pos="rope" would otherwise recompute the frequencies every call).
-_BY_NAME = {"none": NoPosition(), "alibi": ALiBi(), "rope": RoPE()}
+_BY_NAME = {"none": NoPosition, "alibi": ALiBi, "rope": RoPE}
+# In eager mode a string names one default instance, so that its per-device caches (frequencies) persist across
+# calls (a decode step passing pos="rope" would otherwise recompute them every call); under torch.compile a fresh
+# one, which the graph does not guard on.
+_DEFAULTS = {name: scheme() for name, scheme in _BY_NAME.items()}
 PositionArg = Union[str, PositionScheme]
 
 
@@ -509,6 +518,6 @@ def as_position_scheme(pos: PositionArg) -> PositionScheme:
     if isinstance(pos, str):
         if pos not in _BY_NAME:
             raise ValueError(f"pos must be one of {sorted(_BY_NAME)} or a position object, got {pos!r}")
-        return _BY_NAME[pos]
+        return _BY_NAME[pos]() if torch.compiler.is_compiling() else _DEFAULTS[pos]
     raise TypeError(f"pos must be a str or a position object (ALiBi, RoPE, RelativeBias), "
                     f"got {type(pos).__name__}")
