@@ -114,12 +114,13 @@ def test_chunked_prefill_from_empty_cache(backend):
     assert_close_to_reference(default.cpu(), full64[:, :, 5:10], full32[:, :, 5:10], 2.0, "default offsets")
 
 
-def _rotated_sdpa(q, k, v, q_pos, k_pos, inv_freq):
-    """The outside construction a model without the kernel uses: rotate q and k (rotate-half) at the given
-    positions with these frequencies, then F.scaled_dot_product_attention (every key visible)."""
+def _rotated_sdpa(q, k, v, q_pos, k_pos, inv_freq, attention_factor=1.0):
+    """The outside construction a model without the kernel uses: rotate q and k (rotate-half, cos and sin times
+    attention_factor) at the given positions with these frequencies, then F.scaled_dot_product_attention (every
+    key visible)."""
     def rotate(x, positions):
         angle = positions.double()[:, None] * inv_freq.double()[None, :]  # (N, D / 2)
-        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        cos, sin = (torch.cat([f(angle) * attention_factor] * 2, -1) for f in (torch.cos, torch.sin))
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
     return torch.nn.functional.scaled_dot_product_attention(rotate(q, q_pos), rotate(k, k_pos), v)
@@ -161,30 +162,45 @@ def test_streaming_eviction_keeps_the_cache_untouched(scheme, backend):
         assert (out.cpu().double() - expected).abs().max() < 1e-4, f"{scheme} step at length {length}"
 
 
+def _switching_rope(kind: str, original: int, dim: int):
+    """(our RoPE, transformers config) of a length-dependent scaling: dynamic NTK or Phi-3's longrope (short factors
+    up to the original length, long ones past it)."""
+    from transformers import LlamaConfig, Phi3Config
+    if kind == "dynamic":
+        config = LlamaConfig(head_dim=dim, hidden_size=4 * dim, num_attention_heads=4,
+                             max_position_embeddings=original,
+                             rope_parameters={"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0})
+    else:
+        gen = torch.Generator().manual_seed(6)
+        short, long = (1 + 3 * torch.rand(dim // 2, generator=gen, dtype=torch.float64) for _ in range(2))
+        config = Phi3Config(hidden_size=4 * dim, num_attention_heads=4, max_position_embeddings=64,
+                            original_max_position_embeddings=original,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 100.0,
+                                             "short_factor": short.tolist(), "long_factor": long.tolist()})
+    return RoPE.from_hf(config), config
+
+
 @pytest.mark.parametrize("backend", ["cpu", TRITON])
-def test_dynamic_ntk_switch_rotates_cached_keys_with_the_new_frequencies(backend):
-    """Decoding past DynamicNTK's original length changes the frequencies every step; the kernel rotates every
-    cached (un-rotated) key with the current step's, which is transformers' dynamic inv_freq at that length
-    (Hugging Face instead keeps each key rotated with the frequencies of the call that cached it)."""
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_length_dependent_rope_rotates_cached_keys_with_the_current_frequencies(kind, backend):
+    """Decoding past DynamicNTK's or LongRoPE's original length changes the frequencies (every step, or once);
+    the kernel rotates every cached (un-rotated) key with the current step's: transformers' inv_freq and
+    attention factor at that length (Hugging Face instead keeps each key rotated with the frequencies of the call
+    that cached it)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from fused_pos_attn import DynamicNTK
     device = "cpu" if backend == "cpu" else DEVICE
     gen = torch.Generator().manual_seed(4)
     original, dim = 16, 32
-    config = LlamaConfig(head_dim=dim, hidden_size=4 * dim, num_attention_heads=4, max_position_embeddings=original,
-                         rope_parameters={"rope_type": "dynamic", "rope_theta": 100.0, "factor": 2.0})
-    pos = RoPE(theta=100.0, scaling=DynamicNTK(2.0, original_max_len=original))
+    pos, config = _switching_rope(kind, original, dim)
     k_cache, v_cache = (torch.randn(1, 4, 30, dim, generator=gen) for _ in range(2))
-    previous = None
+    seen = []
     for length in range(original - 1, 30):  # crosses the original length
         q = torch.randn(1, 4, 1, dim, generator=gen)
         out = fused_attention(q.to(device), k_cache[:, :, :length].to(device), v_cache[:, :, :length].to(device), pos,
                               causal=True, q_offset=length - 1, backend=backend).cpu()
-        inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=length)
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, "cpu", seq_len=length)
         expected = _rotated_sdpa(q.double(), k_cache[:, :, :length].double(), v_cache[:, :, :length].double(),
-                                 torch.tensor([length - 1]), torch.arange(length), inv_freq)
-        assert (out.double() - expected).abs().max() < 1e-4, f"length {length}"
-        if length > original:
-            assert previous is not None and not torch.equal(inv_freq, previous)  # the frequencies did change
-        previous = inv_freq
+                                 torch.tensor([length - 1]), torch.arange(length), inv_freq, float(factor))
+        assert (out.double() - expected).abs().max() < 1e-4, f"{kind} at length {length}"
+        seen.append(inv_freq)
+    assert not torch.equal(seen[0], seen[-1])  # the frequencies did switch
