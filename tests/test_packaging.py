@@ -298,7 +298,7 @@ torch.distributed.destroy_process_group torch.distributed.get_backend torch.dist
 torch.distributed.get_process_group_ranks torch.distributed.get_rank torch.distributed.get_world_size
 torch.distributed.group torch.distributed.group.WORLD torch.distributed.init_process_group torch.distributed.irecv
 torch.distributed.is_available torch.distributed.is_initialized torch.distributed.isend torch.distributed.new_group
-torch.distributed.reduce_scatter_tensor
+torch.distributed.reduce_scatter_tensor torch.is_grad_enabled
 """.split())
 # torch.distributed: all in torch 2.5's distributed_c10d.__all__ and still in 2.13 (all_gather_into_tensor and
 # reduce_scatter_tensor deprecated there for all_gather_single / reduce_scatter_single, which 2.11 lacks: the
