@@ -45,7 +45,9 @@ struct OpCallArgs {
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OpCallArgs& a) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "q and k must share batch and head dim");
+  const bool paged = a.page_size > 0;
+  TORCH_CHECK((paged ? k.size(0) == 1 : q.size(0) == k.size(0)) && q.size(3) == k.size(3),
+              "q and k must share batch and head dim (a paged cache: k / v (1, Hkv, num_pages * page_size, D))");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "head dim must be in [1, 256]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
@@ -73,6 +75,25 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
                 " and ", a.max_seqlen_k);
   }
   const int64_t batch = varlen ? a.cu_seqlens_q.size(0) - 1 : q.size(0);  // B, or S sequences
+  // KV caches (dense layout): seqused_k (B,) int64 or empty; a paged cache's block_table (B, max_pages) int64.
+  TORCH_CHECK(a.seqused_k.scalar_type() == at::kLong && a.seqused_k.dim() == 1 && a.seqused_k.is_contiguous() &&
+                  (a.seqused_k.size(0) == 0 || (!varlen && a.seqused_k.size(0) == batch)),
+              "seqused_k must be a contiguous (B,) int64 tensor of a dense call, or empty, got ",
+              a.seqused_k.scalar_type(), " of shape ", a.seqused_k.sizes());
+  TORCH_CHECK(a.page_size >= 0, "page_size must be >= 0 (0: not paged), got ", a.page_size);
+  if (paged) {
+    TORCH_CHECK(!varlen && a.seqused_k.size(0) == batch, "a paged cache needs a dense call with seqused_k");
+    TORCH_CHECK(k.size(2) >= a.page_size && k.size(2) % a.page_size == 0,
+                "paged k / v must hold whole pages of page_size rows, got ", k.size(2), " rows, page_size ",
+                a.page_size);
+    TORCH_CHECK(a.block_table.scalar_type() == at::kLong && a.block_table.dim() == 2 &&
+                    a.block_table.size(0) == batch && a.block_table.is_contiguous(),
+                "block_table must be a contiguous (B, max_pages) int64 tensor, got ", a.block_table.scalar_type(),
+                " of shape ", a.block_table.sizes());
+  }
+  for (const auto& [name, t] : {std::pair{"seqused_k", &a.seqused_k}, std::pair{"block_table", &a.block_table}}) {
+    TORCH_CHECK(t->numel() == 0 || t->device() == q.device(), name, " must be on q's device ", q.device());
+  }
   for (const auto& [name, off] : {std::pair{"q_offset", &a.q_offset}, std::pair{"k_offset", &a.k_offset}}) {
     TORCH_CHECK(off->scalar_type() == at::kLong && off->dim() == 1 && off->size(0) == batch && off->is_contiguous(),
                 name, " must be a contiguous (", varlen ? "S" : "B", ",) = (", batch, ",) int64 tensor, got ",
@@ -124,6 +145,11 @@ void check_backward_inputs(const at::Tensor& grad_out, const std::optional<at::T
   }
 }
 
+// KV-cache calls (seqused_k, pages) are forward only: no backward kernel reads them.
+void check_forward_only(const AttentionParams& p) {
+  TORCH_CHECK(!p.has_seqused_k && !p.paged(), "seqused_k and paged caches are forward only (no backward)");
+}
+
 // The relative table's gradient (Hq, 2, max_distance + 1) fp32 on q's device, which the backward kernels fill when
 // the table needs a gradient (pos relative and rel_grad); otherwise empty, and the kernels skip that work.
 at::Tensor d_rel_bias_output(const AttentionParams& p, bool rel_grad, const at::Tensor& q) {
@@ -144,6 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool rel_grad FPA_CALL_PARAMS) {
   const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
+  check_forward_only(p);
   check_backward_inputs(grad_out, grad_lse, q, out, lse, lse_dtype_of(q));
   return cpu::attention_backward(grad_out, grad_lse, q, k, v, out, lse, d_rel_bias_output(p, rel_grad, q), p);
 }
@@ -198,6 +225,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
                              {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}});
   const gpu::DType dtype = cuda_dtype(q);
   const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
+  TORCH_CHECK(!p.has_seqused_k && !p.paged(),
+              "the CUDA C++ kernels do not take seqused_k or paged caches (use the Triton backend)");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = output_like(q);
   at::Tensor lse = at::empty({q.size(0), p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
@@ -219,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                              {"rel_bias", &rel_bias}});
   const gpu::DType dtype = cuda_dtype(q);
   const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
+  check_forward_only(p);
   check_backward_inputs(grad_out, grad_lse, q, out, lse, at::kFloat);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = output_like(q), dk = output_like(k), dv = output_like(v);

@@ -98,12 +98,21 @@ def packed_sequences(spec: AttentionSpec) -> Iterator[tuple[slice, slice, Attent
         yield slice(starts_q[s], starts_q[s + 1]), slice(starts_k[s], starts_k[s + 1]), sequence_spec(spec, s)
 
 
+def unpaged(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """A paged spec's k or v (1, Hkv, num_pages * page_size, D) as the dense (B, Hkv, max_pages * page_size, D)
+    tensor its block_table addresses (page ids assumed in range, as fused_attention_with_kvcache checks)."""
+    pages = spec.block_table.to(t.device, torch.int64)  # (B, max_pages)
+    rows = (pages[:, :, None] * spec.page_size + torch.arange(spec.page_size, device=t.device)).flatten(1)
+    return t[0][:, rows].transpose(0, 1)  # (Hkv, B, L, D) -> (B, Hkv, L, D)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                         upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention with the position scheme of `spec`.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); or, for a packed spec (spec.varlen), q (1, Hq, total_q, D) and
-    k, v (1, Hkv, total_k, D) with each sequence attended alone (a loop: this is the oracle). Computes in fp64 when upcast, else in q's dtype, with the
+    k, v (1, Hkv, total_k, D) with each sequence attended alone (a loop: this is the oracle); for a paged spec,
+    k and v are its pages, gathered into the dense layout first. Computes in fp64 when upcast, else in q's dtype, with the
     position math, the scores' scale-and-bias and the softmax in position_dtype (fp32 for half-precision
     inputs), as the kernels do: only the rotation, the two matmuls and the probabilities fed to the second
     one round to the compute dtype. (Hugging Face's eager attention also runs the softmax in fp32, but adds
@@ -115,6 +124,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
         parts = [attention_reference(q[:, :, rows_q], k[:, :, rows_k], v[:, :, rows_k], alone, upcast)
                  for rows_q, rows_k, alone in packed_sequences(spec)]
         return torch.cat([out for out, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+    if spec.paged:
+        k, v = unpaged(k, spec), unpaged(v, spec)
     dtype = torch.float64 if upcast else q.dtype
     exact = position_dtype(dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -130,6 +141,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     if bias is not None:
         scores = scores + bias
     visible = visibility(pq, pk, spec.causal, spec.window)
+    if spec.seqused_k is not None:  # batch b's keys past seqused_k[b] are not part of the call
+        used = torch.arange(k.shape[2], device=k.device) < spec.seqused_k.to(k.device)[:, None]  # (B, Nk)
+        visible = visible & used[:, None, None, :]
     scores = scores.masked_fill(~visible, float("-inf"))
     # Rows with no visible key: softmax over zeros instead of all -inf, so neither the values nor the
     # gradients see inf - inf; their probabilities are then zeroed and their LSE set to -inf.

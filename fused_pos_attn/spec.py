@@ -35,6 +35,14 @@ class AttentionSpec:
     max_seqlen_q, max_seqlen_k: packed layout only (0 for dense, where N is the tensors'): the longest
         sequence's length, an upper bound that sizes grids and workspaces (kernels process at most that many
         rows of a sequence).
+
+    Two forward-only additions of the dense layout, for KV caches (fused_attention_with_kvcache):
+    seqused_k: (B,) int64 contiguous or None: batch b attends only its first seqused_k[b] keys (clamped by the
+        kernels into [0, Nk]); the rest of its key rows are never read.
+    block_table, page_size: a paged cache, or None and 0. k / v are then (1, Hkv, num_pages * page_size, D)
+        views of (num_pages, page_size, Hkv, D) pages, block_table (B, max_pages) int64 contiguous, and key j of
+        batch b is row block_table[b, j // page_size] * page_size + j % page_size (Nk, the keys a batch may
+        have, is max_pages * page_size; seqused_k is then required). Kernels clamp page ids into the cache.
     """
 
     causal: bool
@@ -47,6 +55,14 @@ class AttentionSpec:
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    seqused_k: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
+    page_size: int = 0
+
+    @property
+    def paged(self) -> bool:
+        """True when k / v are pages addressed through block_table."""
+        return self.block_table is not None
 
     @property
     def varlen(self) -> bool:

@@ -106,10 +106,13 @@ POINTER_TYPES = {
     "RelBuckets": "i32",                 # (2, max_distance + 1) T5 bucket of each RelBias entry
     "DRelTable": "fp32",                 # (key blocks, B, Hq, num_buckets) per-program bucket-gradient partials
     "CuSeqlensQ": "i64", "CuSeqlensK": "i64",  # (S + 1,) packed layout's sequence starts (VARLEN)
+    "SeqUsedK": "i64",                   # (B,) a KV cache's key count per batch (SEQUSED)
+    "BlockTable": "i64",                 # (B, max_pages) a paged cache's page ids (PAGED)
 }
 SCALAR_TYPES = {
     **{name: "i32" for name in ("num_heads", "num_kv_groups", "seq_len_q", "seq_len_k", "window", "max_distance",
-                                "num_buckets", "len_bucket_q", "len_bucket_k", "max_seqlen_q", "max_seqlen_k")},
+                                "num_buckets", "len_bucket_q", "len_bucket_k", "max_seqlen_q", "max_seqlen_k",
+                                "page_size", "max_pages")},
     "sm_scale": "fp32", "attention_factor": "fp32",
 }
 # Stride name -> how a launch on contiguous tensors specialises it: "unit" (== 1: constexpr), "aligned"
@@ -127,7 +130,8 @@ class Variant:
     """One launch flavour. rotary: rotary_dim / HEAD_DIM (rope only); rel_grad: the relative table needs a
     gradient (relative only), compiled for the largest table the launcher takes (launch.MAX_GRAD_BUCKETS
     buckets: the only thing the bucket count changes is the size of that register accumulator); dlse: a
-    gradient flows into the returned LSE; varlen: the packed layout (VARLEN: rows found through cu_seqlens).
+    gradient flows into the returned LSE; varlen: the packed layout (VARLEN: rows found through cu_seqlens);
+    paged: a paged KV cache with per-batch key counts (SEQUSED and PAGED; the forward kernel only).
     Fields that do not apply to the scheme are normalised away by for_scheme."""
     scheme: str
     dtype: str = "fp16"
@@ -138,6 +142,7 @@ class Variant:
     rel_grad: bool = True
     dlse: bool = False
     varlen: bool = False
+    paged: bool = False
 
     def for_scheme(self) -> "Variant":
         rope, relative = self.scheme == "rope", self.scheme == "relative"
@@ -151,6 +156,8 @@ DEFAULT_EXTRA_VARIANTS = (
     Variant("rope", dtype="bf16", window=True, rotary=0.25, interleaved=True, dlse=True),
     Variant("rope", rotary=0.5, varlen=True),
     Variant("relative", varlen=True, dlse=True),
+    Variant("rope", paged=True),
+    Variant("alibi", dtype="bf16", window=True, paged=True),
 )
 DEFAULT_HEAD_DIMS = (64, 128, 256)
 FULL_SCHEMES = BASE_VARIANTS + (Variant("rope", rotary=0.25),)
@@ -209,12 +216,16 @@ def _constexpr_values(kernel: str, head_dim: int, variant: Variant) -> dict:
     if variant.varlen:  # the batch's sequences packed along N: (1, H, batch * seq, D) and (batch + 1,) cu_seqlens
         cu_seqlens = torch.empty(batch + 1, dtype=torch.int64, device="meta")
         packed = dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=seq, max_seqlen_k=seq)
+    if variant.paged:  # the batch's keys in pages of 16 rows: k / v (1, Hkv, batch * seq, D)
+        packed = dict(seqused_k=offsets, block_table=torch.empty(batch, seq // 16, dtype=torch.int64, device="meta"),
+                      page_size=16)
     call = KernelCall(q_offset=offsets, k_offset=offsets, position=position, scale=head_dim ** -0.5,
                       causal=variant.causal, window=64 if variant.window else None, **packed)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[variant.dtype]
     layout = (1, batch * seq) if variant.varlen else (batch, seq)  # (tensor batch, N)
+    kv_layout = (1, batch * seq) if variant.varlen or variant.paged else layout
     rows = torch.empty(layout[0], heads, layout[1], head_dim, dtype=dtype, device="meta")
-    kv_rows = torch.empty(layout[0], kv_heads, layout[1], head_dim, dtype=dtype, device="meta")
+    kv_rows = torch.empty(kv_layout[0], kv_heads, kv_layout[1], head_dim, dtype=dtype, device="meta")
     stats = torch.empty(layout[0], heads, layout[1], dtype=torch.float32, device="meta")
     tensors = dict(Q=rows, K=kv_rows, V=kv_rows, Out=rows, DOut=rows, DQ=rows, DK=kv_rows, DV=kv_rows, Lse=stats,
                    Delta=stats)

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .position import (LN2, LOG2E, POS_ALIBI, POS_RELATIVE, alibi_slope_log2, position_bias_log2, relative_positions,
                        visible_mask)
-from .tiles import load_qk_tiles, load_tile, qk_dot, sequence_rows, store_tile
+from .tiles import key_rows, load_qk_tiles, load_tile, qk_dot, sequence_rows, store_tile
 
 
 @triton.jit
@@ -27,18 +27,21 @@ def key_block_range(q_start, q_end, delta, seq_len_k, window, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd, stride_vn,
-                    stride_vd, q_pos_start, k_off, seq_len_k, lo, hi, qk_scale_log2, slope_log2, max_distance, window,
-                    attention_factor, offs_d, mask_d,
+def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, BlockTable, stride_kn, stride_kd,
+                    stride_vn, stride_vd, q_pos_start, k_off, seq_len_k, num_rows_k, page_size, lo, hi, qk_scale_log2,
+                    slope_log2, max_distance, window, attention_factor, offs_d, mask_d,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     MAIN_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr,
                     ROTARY_DIM: tl.constexpr, POS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    INTERLEAVED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update over key blocks [lo, hi). acc (BLOCK_M, BLOCK_D) fp32; m_i, l_i (BLOCK_M,)
-    in the log2 domain. MASKED=False is only used on blocks every row sees in full."""
+                    INTERLEAVED: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    PAGED: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi) of seq_len_k keys. acc (BLOCK_M, BLOCK_D) fp32; m_i, l_i
+    (BLOCK_M,) in the log2 domain. MASKED=False is only used on blocks every row sees in full. PAGED: keys are
+    read through BlockTable (the batch's row) from K / V's num_rows_k rows (key_rows)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_main, k_pass = load_qk_tiles(K, offs_n, seq_len_k, stride_kn, stride_kd, k_off + offs_n, InvFreq,
+        rows_n, bound_n = key_rows(offs_n, seq_len_k, BlockTable, page_size, num_rows_k, PAGED)
+        k_main, k_pass = load_qk_tiles(K, rows_n, bound_n, stride_kn, stride_kd, k_off + offs_n, InvFreq,
                                        attention_factor, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM,
                                        POS, INTERLEAVED)
         s = qk_dot(q_main, q_pass, k_main, k_pass, HAS_PASS, DOT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
@@ -54,7 +57,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, strid
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V, offs_n, seq_len_k, stride_vn, stride_vd, offs_d, mask_d)
+        v = load_tile(V, rows_n, bound_n, stride_vn, stride_vd, offs_d, mask_d)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -62,27 +65,38 @@ def _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, strid
 
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBias, CuSeqlensQ, CuSeqlensK,
+                     SeqUsedK, BlockTable,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_sb, stride_sh, stride_rh,
                      num_heads, num_kv_groups, seq_len_q, seq_len_k, sm_scale, window, attention_factor,
-                     max_distance, max_seqlen_q, max_seqlen_k, len_bucket_q, len_bucket_k,
+                     max_distance, max_seqlen_q, max_seqlen_k, len_bucket_q, len_bucket_k, page_size, max_pages,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAIN_BLOCK: tl.constexpr,
                      PASS_BLOCK: tl.constexpr, HAS_PASS: tl.constexpr, ROTARY_DIM: tl.constexpr, POS: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERLEAVED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, SEQUSED: tl.constexpr, PAGED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out (B, Hq, Nq, D) and Lse (B, Hq, Nq) fp32, natural log. RelBias (Hq, 2, max_distance + 1) fp32 is read
     for POS_RELATIVE only. len_bucket_* only key the autotuner. VARLEN: B = 1, seq_len_q / seq_len_k are the
-    packed totals, and CuSeqlensQ / CuSeqlensK ((S + 1,) int64) give each sequence's rows (see sequence_rows)."""
+    packed totals, and CuSeqlensQ / CuSeqlensK ((S + 1,) int64) give each sequence's rows (see sequence_rows).
+    KV caches (dense layout): SEQUSED reads batch b's key count from SeqUsedK (B,) int64 (clamped into [0, its
+    keys]); PAGED reads K / V (1, Hkv, seq_len_k = num_pages * page_size, D) through BlockTable (B, max_pages)
+    int64, batch b's keys being its max_pages * page_size logical rows (key_rows)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     kv_h = h // num_kv_groups
     tb, q_start, len_q = sequence_rows(CuSeqlensQ, b, seq_len_q, max_seqlen_q, VARLEN, False)
-    _, k_start, len_k = sequence_rows(CuSeqlensK, b, seq_len_k, max_seqlen_k, VARLEN, False)
+    tb_k, k_start, len_k = sequence_rows(CuSeqlensK, b, seq_len_k, max_seqlen_k, VARLEN, False)
+    if PAGED:
+        tb_k = 0
+        len_k = max_pages * page_size
+        BlockTable += b * max_pages
+    if SEQUSED:
+        len_k = tl.minimum(tl.maximum(tl.load(SeqUsedK + b), 0), len_k).to(tl.int32)
     if VARLEN:  # a block past its sequence's end (the grid covers the longest) visits no key and stores nothing.
         # Not an early `return`: that branch cost the backward up to 50 registers (dQ spilled at D = 256, sm_90).
         len_k = tl.where(start_m < len_q, len_k, 0)
@@ -97,8 +111,8 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
                                    MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, INTERLEAVED)
     slope_log2 = alibi_slope_log2(Slopes + b * stride_sb + h * stride_sh, POS)
     RelBias += h * stride_rh
-    K += tb * stride_kb + kv_h * stride_kh + k_start * stride_kn
-    V += tb * stride_vb + kv_h * stride_vh + k_start * stride_vn
+    K += tb_k * stride_kb + kv_h * stride_kh + k_start * stride_kn
+    V += tb_k * stride_vb + kv_h * stride_vh + k_start * stride_vn
 
     # Visible keys [lo, hi); inside it, [full_lo, full_hi) holds whole blocks every row sees unmasked.
     q_end = tl.minimum(start_m + BLOCK_M, len_q)
@@ -120,21 +134,21 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
     qk_scale_log2 = sm_scale * LOG2E
     q_pos_start = q_off + start_m
     # Masked edge, unmasked interior, masked edge.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, q_pos_start, k_off, len_k, lo, full_lo, qk_scale_log2,
-                                    slope_log2, max_distance, window, attention_factor, offs_d, mask_d, BLOCK_M,
-                                    BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL,
-                                    HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, q_pos_start, k_off, len_k, full_lo, full_hi,
-                                    qk_scale_log2, slope_log2, max_distance, window, attention_factor, offs_d, mask_d,
-                                    BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS,
-                                    CAUSAL, HAS_WINDOW, INTERLEAVED, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, q_pos_start, k_off, len_k, full_hi, hi, qk_scale_log2,
-                                    slope_log2, max_distance, window, attention_factor, offs_d, mask_d, BLOCK_M,
-                                    BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS, ROTARY_DIM, POS, CAUSAL,
-                                    HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, BlockTable, stride_kn,
+                                    stride_kd, stride_vn, stride_vd, q_pos_start, k_off, len_k, seq_len_k, page_size,
+                                    lo, full_lo, qk_scale_log2, slope_log2, max_distance, window, attention_factor,
+                                    offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS,
+                                    ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION, PAGED)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, BlockTable, stride_kn,
+                                    stride_kd, stride_vn, stride_vd, q_pos_start, k_off, len_k, seq_len_k, page_size,
+                                    full_lo, full_hi, qk_scale_log2, slope_log2, max_distance, window, attention_factor,
+                                    offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS,
+                                    ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, False, DOT_PRECISION, PAGED)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q_main, q_pass, K, V, InvFreq, RelBias, BlockTable, stride_kn,
+                                    stride_kd, stride_vn, stride_vd, q_pos_start, k_off, len_k, seq_len_k, page_size,
+                                    full_hi, hi, qk_scale_log2, slope_log2, max_distance, window, attention_factor,
+                                    offs_d, mask_d, BLOCK_M, BLOCK_N, HEAD_DIM, MAIN_BLOCK, PASS_BLOCK, HAS_PASS,
+                                    ROTARY_DIM, POS, CAUSAL, HAS_WINDOW, INTERLEAVED, True, DOT_PRECISION, PAGED)
 
     # Rows with no visible key: out = 0, lse = -inf.
     empty = l_i == 0.0

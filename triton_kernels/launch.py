@@ -30,7 +30,7 @@ MAX_GRAD_BUCKETS = 32
 PREPROCESS_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4)
 TUNED = ("BLOCK_M", "BLOCK_N")  # meta-parameters a launch config sets; kernel_arguments never does
 _TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION", "REL_GRAD",
-             "NUM_BUCKETS_BLOCK", "VARLEN", "len_bucket_q", "len_bucket_k"]
+             "NUM_BUCKETS_BLOCK", "VARLEN", "SEQUSED", "PAGED", "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
                  _attn_bwd_dq_kernel: backward_dq_configs}
 # Stride parameters of each strided tensor parameter: stride_<prefix><dim> for the dims its strides name
@@ -78,6 +78,10 @@ class KernelCall:
     ((S + 1,) int64 on the tensors' device; the kernels clamp them into the tensors, whatever their values);
     the batch b above is then the sequence s (offsets and ALiBi slopes have S rows). max_seqlen_q / max_seqlen_k
     bound the sequences' lengths: they size the grids and workspaces (0 and unused in the dense layout).
+
+    KV caches, forward only (dense layout): seqused_k (B,) int64, batch b's key count (its first key rows);
+    block_table (B, max_pages) int64 contiguous and page_size for a paged cache, k / v then (1, Hkv,
+    num_pages * page_size, D) and key j of batch b at row block_table[b, j // page_size] * page_size + j % page_size.
     """
 
     q_offset: torch.Tensor
@@ -90,6 +94,9 @@ class KernelCall:
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    seqused_k: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
+    page_size: int = 0
 
     @property
     def varlen(self) -> bool:
@@ -99,6 +106,8 @@ class KernelCall:
         """(batches or sequences, rows per batch or longest sequence of q, same of k): what grids cover."""
         if self.varlen:
             return self.q_offset.shape[0], max(0, int(self.max_seqlen_q)), max(0, int(self.max_seqlen_k))
+        if self.block_table is not None:  # a batch's keys: its max_pages * page_size logical rows
+            return q.shape[0], q.shape[2], self.block_table.shape[1] * self.page_size
         return q.shape[0], q.shape[2], k.shape[2]
 
 
@@ -140,6 +149,8 @@ def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
         RelBuckets=position.rel_buckets if position.rel_buckets is not None else int32,
         CuSeqlensQ=call.cu_seqlens_q if call.varlen else int64,
         CuSeqlensK=call.cu_seqlens_k if call.varlen else int64,
+        SeqUsedK=call.seqused_k if call.seqused_k is not None else int64,
+        BlockTable=call.block_table if call.block_table is not None else int64,
         DLse=fp32, DRelTable=fp32)
     values.update(tensors)
     for name, stride_names in _STRIDE_NAMES.items():
@@ -150,12 +161,14 @@ def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
         num_heads=num_heads, num_kv_groups=num_heads // k.shape[1], seq_len_q=seq_q, seq_len_k=seq_k,
         sm_scale=float(call.scale), window=int(call.window or 0), attention_factor=float(position.attention_factor),
         max_distance=int(position.max_distance), num_buckets=int(position.num_buckets),
-        max_seqlen_q=rows_q, max_seqlen_k=rows_k,
+        max_seqlen_q=rows_q, max_seqlen_k=rows_k, page_size=int(call.page_size),
+        max_pages=call.block_table.shape[1] if call.block_table is not None else 0,
         len_bucket_q=triton.next_power_of_2(rows_q), len_bucket_k=triton.next_power_of_2(rows_k),
         HEAD_DIM=head_dim, BLOCK_D=block_d_for(head_dim), **_tile_widths(position, head_dim),
         POS=SCHEME_CODES[position.kind], CAUSAL=bool(call.causal), HAS_WINDOW=call.window is not None,
         INTERLEAVED=bool(position.interleaved), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HAS_DLSE="DLse" in tensors, REL_GRAD=rel_grad, VARLEN=call.varlen,
+        HAS_DLSE="DLse" in tensors, REL_GRAD=rel_grad, VARLEN=call.varlen, SEQUSED=call.seqused_k is not None,
+        PAGED=call.block_table is not None,
         NUM_BUCKETS_BLOCK=triton.next_power_of_2(position.num_buckets) if rel_grad else 1)
     missing = [name for name in kernel.arg_names if name not in values and name not in TUNED]
     if missing:
@@ -227,7 +240,10 @@ def attention_backward(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     """Gradients of attention_forward's (out, lse) given grad_out (like out) and grad_lse ((B, Hq, Nq) contiguous
     fp32, or None for zero): dq (like q), dk, dv (like k, v), and for rel_grad (relative scheme) the gradient
     of the (Hq, num_buckets) bucket table as fp32, else None. Packed layout (call.varlen): B = 1 and N the totals
-    as in attention_forward; the grids and the table's partial rows cover max_seqlen_q / max_seqlen_k."""
+    as in attention_forward; the grids and the table's partial rows cover max_seqlen_q / max_seqlen_k. KV-cache
+    calls (seqused_k, pages) are forward only."""
+    if call.seqused_k is not None or call.block_table is not None:
+        raise ValueError("seqused_k and paged caches are forward only: attention_backward does not take them")
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv_heads = k.shape[1]
     sequences, rows_q, rows_k = call.extent(q, k)

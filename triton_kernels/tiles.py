@@ -50,6 +50,21 @@ def sequence_rows(CuSeqlens, b, num_rows, max_seqlen, VARLEN: tl.constexpr, RERE
         return b, 0, num_rows
 
 
+@triton.jit
+def key_rows(offs_n, len_k, BlockTable, page_size, num_rows_k, PAGED: tl.constexpr):
+    """(rows, bound): the k / v rows holding a batch's keys offs_n (BLOCK_N,), and the row count load_tile masks
+    them with. Dense: (offs_n, len_k). PAGED: key j at row BlockTable[j // page_size] * page_size + j % page_size
+    (the batch's row of block ids; ids clamped into the num_rows_k // page_size pages), keys >= len_k sent to row
+    num_rows_k, past the bound (masked)."""
+    if PAGED:
+        used = offs_n < len_k
+        page = tl.load(BlockTable + offs_n // page_size, mask=used, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_rows_k // page_size - 1)
+        return tl.where(used, page * page_size + offs_n % page_size, num_rows_k), num_rows_k
+    else:
+        return offs_n, len_k
+
+
 # layout_fence is on for Triton before 3.9 (3.6 needs it; 3.9 allocates registers better without it) and off
 # under the interpreter, which has no inline assembly.
 FENCE = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9)

@@ -1,5 +1,6 @@
 // CPU decode forward: a few query rows per batch / sequence (the KV-cache decode step, Nq <= kDecodeMaxRows)
-// against many keys. One task per (batch or packed sequence, key split):
+// against many keys, and every call on a paged KV cache (in chunks of kDecodeMaxRows query rows). One task per
+// (batch or packed sequence, query chunk, key split):
 // - a task walks its keys block by block and, per block, every kv head: the block's RoPE cos / sin rows are read
 //   from memory once for all heads (per head they would cost half as much traffic again as the keys);
 // - the query rows of every query head of a kv head's group (GQA) are scored together, so each key row is read,
@@ -8,7 +9,8 @@
 //   partial (out, row max, row sum) that a last pass merges, so every thread reads its share of the cache;
 // - RoPE cos / sin of key positions come from tables kept across calls per frequency vector (cached_cos_sin:
 //   the 4 most recent, at most 2^17 positions and 2 x 16 MiB each), grown as positions grow, instead of being
-//   recomputed for every cached key on every call; positions outside a table are computed per call.
+//   recomputed for every cached key on every call; positions outside a table are computed per call;
+// - key blocks end at page ends (AttentionParams::key_run), so a block's rows are consecutive in a paged cache too.
 #include "cpu_kernels.h"
 #include "gemm.h"
 #include "tiles.h"
@@ -115,13 +117,19 @@ template <typename scalar_t>
 void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
                  const AttentionParams& p) {
   const int64_t D = p.head_dim, G = p.group(), pairs = p.rotary_dim / 2;
-  const int64_t max_rows = p.heads_q * p.max_q_len();  // query rows of one task: every head's
+  const int64_t chunk_rows = std::max<int64_t>(1, std::min(kDecodeMaxRows, p.max_q_len()));
+  const int64_t chunks = std::max<int64_t>(1, (p.max_q_len() + chunk_rows - 1) / chunk_rows);
+  const int64_t max_rows = p.heads_q * chunk_rows;  // query rows of one task: every head's rows of one chunk
   const int64_t block_n = std::max<int64_t>(1, std::min(kDecodeBlockN, p.max_k_len()));
   if (p.batch == 0) return;  // a packed call of no sequence
   const int64_t threads = at::get_num_threads();
-  // Tasks (b, key split), each over every head: a key block's RoPE tables are read once for all heads.
+  // Tasks (b, query chunk, key split), each over every head: a key block's RoPE tables are read once for all heads.
   const int64_t most_splits = std::max<int64_t>(1, p.max_k_len() / kMinKeysPerSplit);
-  const int64_t splits = std::clamp<int64_t>((threads + p.batch - 1) / p.batch, 1, most_splits);
+  const int64_t splits = std::clamp<int64_t>((threads + p.batch * chunks - 1) / (p.batch * chunks), 1, most_splits);
+  // The query rows [i0, i0 + rows) of b's chunk c (rows <= 0: past b's rows).
+  const auto chunk_of = [&](int64_t b, int64_t c) {
+    return std::pair{c * chunk_rows, std::min(chunk_rows, p.q_len(b) - c * chunk_rows)};
+  };
   const bool rope = p.pos == PosKind::kRope;
   std::shared_ptr<const CosSinTable> table;
   if (rope) {
@@ -133,12 +141,14 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const auto qv = view4<const scalar_t>(q), kv = view4<const scalar_t>(k), vv = view4<const scalar_t>(v);
   const auto ov = view4<scalar_t>(out);
   float* lse_data = lse.data_ptr<float>();
-  const int64_t num_tasks = p.batch * splits;
+  const int64_t num_tasks = p.batch * chunks * splits;
   std::vector<float> partial(splits > 1 ? num_tasks * max_rows * (D + 2) : 0);  // (acc, max, sum) per task row
 
-  // Output row r = h * q_len + i of b (query head h, row i) from its accumulator, max and sum.
-  const auto write_row = [&](int64_t b, int64_t r, const float* acc, float row_max_v, float row_sum) {
-    const int64_t nq = p.q_len(b), h = r / nq, row = p.q_start(b) + r % nq, tb = p.tensor_batch(b);
+  // Output row r = h * nq + i of b's chunk of nq rows from i0 (query head h, row i0 + i) from its accumulator, max
+  // and sum.
+  const auto write_row = [&](int64_t b, int64_t i0, int64_t nq, int64_t r, const float* acc, float row_max_v,
+                             float row_sum) {
+    const int64_t h = r / nq, row = p.q_start(b) + i0 + r % nq, tb = p.tensor_batch(b);
     const bool empty = row_sum == 0.0f;  // no visible key: out 0, lse -inf
     const float inv = empty ? 0.0f : 1.0f / row_sum;
     scalar_t* o = ov.row(tb, h, row);
@@ -155,15 +165,18 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     std::vector<float> block_cos(block_n * pairs), block_sin(block_n * pairs);
     std::vector<KeyInterval> intervals;
     for (int64_t task = next_task(); task >= 0; task = next_task()) {
-      const int64_t b = task / splits, split = task % splits;
-      const int64_t nq = p.q_len(b), rows = p.heads_q * nq, tb = p.tensor_batch(b), k_row0 = p.k_start(b);
+      const int64_t b = task / (chunks * splits), split = task % splits;
+      const auto [i0, nq] = chunk_of(b, task / splits % chunks);
+      if (nq <= 0) continue;
+      const int64_t rows = p.heads_q * nq, tb = p.tensor_batch(b), tb_k = p.k_tensor_batch(b);
+      const int64_t q_pos0 = p.q_offset[b] + i0;  // position of the chunk's first query row
       // Query rows r = h * nq + i (so a kv head's group is one run of G * nq rows), scaled and rotated.
       for (int64_t h = 0; h < p.heads_q; ++h) {
-        pack_rows(qv, tb, h, p.q_start(b), nq, D, static_cast<float>(p.scale),
+        pack_rows(qv, tb, h, p.q_start(b) + i0, nq, D, static_cast<float>(p.scale),
                   static_cast<const RopeTables<float>*>(nullptr), false, q_tile.data() + h * nq * D);
       }
       for (int64_t i = 0; rope && i < nq; ++i) {
-        rope_cos_sin_row(p.q_offset[b] + i, p.inv_freq, static_cast<int>(pairs), p.attention_factor, angle.data(),
+        rope_cos_sin_row(q_pos0 + i, p.inv_freq, static_cast<int>(pairs), p.attention_factor, angle.data(),
                          block_cos.data(), block_sin.data());
         for (int64_t h = 0; h < p.heads_q; ++h) {
           rotate_row<false>(q_tile.data() + (h * nq + i) * D, block_cos.data(), block_sin.data(), p.rotary_dim,
@@ -173,7 +186,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       intervals.resize(nq);
       int64_t lo = p.k_len(b), hi = 0;
       for (int64_t i = 0; i < nq; ++i) {
-        intervals[i] = visible_keys(p.q_offset[b] + i, p.k_offset[b], p.k_len(b), p.causal, p.window);
+        intervals[i] = visible_keys(q_pos0 + i, p.k_offset[b], p.k_len(b), p.causal, p.window);
         if (intervals[i].first < intervals[i].last) {
           lo = std::min(lo, intervals[i].first);
           hi = std::max(hi, intervals[i].last);
@@ -185,8 +198,9 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       std::fill(row_sum.begin(), row_sum.begin() + rows, 0.0f);
       std::fill(acc.begin(), acc.begin() + rows * D, 0.0f);
 
-      for (int64_t n0 = split_lo; n0 < split_hi; n0 += block_n) {
-        const int64_t cols = std::min(block_n, split_hi - n0), pos0 = p.k_offset[b] + n0;
+      for (int64_t n0 = split_lo, cols = 0; n0 < split_hi; n0 += cols) {
+        cols = p.key_run(n0, std::min(block_n, split_hi - n0));
+        const int64_t pos0 = p.k_offset[b] + n0, k_row = p.key_row(b, n0);
         // The block's RoPE tables, read from memory once for every head: the cached rows, or computed here.
         const float* cos_block = nullptr;
         const float* sin_block = nullptr;
@@ -203,7 +217,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
         for (int64_t kv_h = 0; kv_h < p.heads_kv; ++kv_h) {
           const int64_t r0 = kv_h * G * nq, group_rows = G * nq;  // this kv head's query rows
-          const auto [k_ptr, ldk] = block_rows(kv, tb, kv_h, k_row0 + n0, cols, D, cos_block, sin_block, p,
+          const auto [k_ptr, ldk] = block_rows(kv, tb_k, kv_h, k_row, cols, D, cos_block, sin_block, p,
                                                k_tile.data());
           gemm<float>(false, true, group_rows, cols, D, 1.0f, q_tile.data() + r0 * D, D, k_ptr, ldk, 0.0f,
                       scores.data(), cols);
@@ -217,18 +231,18 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
               continue;
             }
             const float slope = p.pos == PosKind::kAlibi ? p.slope(b, h) : 0.0f;
-            const int64_t rel0 = p.q_offset[b] + i - (p.k_offset[b] + n0);
+            const int64_t rel0 = q_pos0 + i - (p.k_offset[b] + n0);
             softmax_block_row(p, h, slope, s, cols, row_lo, row_hi, rel0, row_max_v[r0 + r], row_sum[r0 + r],
                               acc.data() + (r0 + r) * D, D);
           }
-          const auto [v_ptr, ldv] = block_rows(vv, tb, kv_h, k_row0 + n0, cols, D, nullptr, nullptr, p,
+          const auto [v_ptr, ldv] = block_rows(vv, tb_k, kv_h, k_row, cols, D, nullptr, nullptr, p,
                                                v_tile.data());
           gemm<float>(false, false, group_rows, D, cols, 1.0f, scores.data(), cols, v_ptr, ldv, 1.0f,
                       acc.data() + r0 * D, D);
         }
       }
       if (splits == 1) {
-        for (int64_t r = 0; r < rows; ++r) write_row(b, r, acc.data() + r * D, row_max_v[r], row_sum[r]);
+        for (int64_t r = 0; r < rows; ++r) write_row(b, i0, nq, r, acc.data() + r * D, row_max_v[r], row_sum[r]);
         continue;
       }
       float* part = partial.data() + task * max_rows * (D + 2);
@@ -240,12 +254,14 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     }
   });
   if (splits == 1) return;
-  // Merge the splits of each batch / sequence: rescale every split's partial to the common max and sum them.
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  // Merge the splits of each (batch / sequence, chunk): rescale every split's partial to the common max, sum them.
+  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(D);
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r = 0; r < p.heads_q * p.q_len(b); ++r) {
-        const auto part = [&](int64_t s) { return partial.data() + ((b * splits + s) * max_rows + r) * (D + 2); };
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / chunks;
+      const auto [i0, nq] = chunk_of(b, bc % chunks);
+      for (int64_t r = 0; r < p.heads_q * nq; ++r) {
+        const auto part = [&](int64_t s) { return partial.data() + ((bc * splits + s) * max_rows + r) * (D + 2); };
         float m = -std::numeric_limits<float>::infinity(), sum = 0.0f;
         for (int64_t s = 0; s < splits; ++s) m = std::max(m, part(s)[D]);
         std::fill(acc.begin(), acc.end(), 0.0f);
@@ -255,7 +271,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
           sum += part(s)[D + 1] * w;
           for (int64_t d = 0; d < D; ++d) acc[d] += part(s)[d] * w;
         }
-        write_row(b, r, acc.data(), m, sum);
+        write_row(b, i0, nq, r, acc.data(), m, sum);
       }
     }
   });
@@ -264,7 +280,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 }  // namespace
 
 bool uses_decode_path(const at::Tensor& q, const AttentionParams& p) {
-  return q.scalar_type() != at::kDouble && p.max_q_len() <= kDecodeMaxRows;
+  return q.scalar_type() != at::kDouble && (p.max_q_len() <= kDecodeMaxRows || p.paged());
 }
 
 void attention_decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,

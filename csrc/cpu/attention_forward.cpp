@@ -100,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   // LSE in the accumulation type: fp32, or fp64 for fp64 inputs; (1, Hq, total_q) when packed.
   auto lse = at::empty({q.size(0), p.heads_q, p.seq_q},
                        q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  TORCH_CHECK(!p.paged() || q.scalar_type() != at::kDouble,
+              "paged caches take float16, bfloat16 or float32 on CPU, got float64");
   if (uses_decode_path(q, p)) {
     attention_decode_forward(q, k, v, out, lse, p);
     return {out, lse};

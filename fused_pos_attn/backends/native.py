@@ -110,7 +110,7 @@ def scheme_codes() -> dict[str, int]:
 def _eager_placeholders(device: torch.device) -> dict:
     return {"slopes": torch.zeros(1, 1, device=device), "inv_freq": torch.zeros(0, device=device),
             "rel_bias": torch.zeros(0, 2, 1, device=device),
-            "cu_seqlens": torch.empty(0, dtype=torch.int64, device=device)}
+            "int64": torch.empty(0, dtype=torch.int64, device=device)}
 
 
 def _placeholders(device: torch.device) -> dict:
@@ -123,7 +123,8 @@ def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
     """The ops' per-call position / masking arguments, by name (FPA_CALL_ARGS in attention_params.h).
     Tensors a scheme does not use are small placeholders of the expected dtype on q's device. A packed
     (varlen) spec passes its cu_seqlens and max_seqlen (q, k, v then are (1, H, total, D) and the call's batch
-    is the S sequences); a dense one empty (0,) int64 cu_seqlens and max_seqlen 0."""
+    is the S sequences); a dense one empty (0,) int64 cu_seqlens and max_seqlen 0. seqused_k and block_table are
+    empty (0,) int64 when the spec has none."""
     p = spec.position
     batch, heads = spec.num_sequences, q.shape[1]
     unused = _placeholders(q.device)
@@ -133,13 +134,15 @@ def op_args(spec: AttentionSpec, q: torch.Tensor) -> dict:
     if spec.varlen:
         cu_seqlens_q, cu_seqlens_k = spec.cu_seqlens_q, spec.cu_seqlens_k
     else:
-        cu_seqlens_q = cu_seqlens_k = unused["cu_seqlens"]
+        cu_seqlens_q = cu_seqlens_k = unused["int64"]
     return dict(q_offset=spec.q_offset, k_offset=spec.k_offset, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=spec.max_seqlen_q if spec.varlen else 0,
                 max_seqlen_k=spec.max_seqlen_k if spec.varlen else 0, pos=SCHEME_CODES[p.kind], slopes=slopes,
                 inv_freq=inv_freq, rotary_dim=p.rotary_dim, interleaved=p.interleaved,
                 attention_factor=p.attention_factor, rel_bias=rel_bias, max_distance=p.max_distance,
-                causal=spec.causal, window=spec.window or 0, scale=spec.scale)
+                causal=spec.causal, window=spec.window or 0, scale=spec.scale,
+                seqused_k=spec.seqused_k if spec.seqused_k is not None else unused["int64"],
+                block_table=spec.block_table if spec.paged else unused["int64"], page_size=spec.page_size)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

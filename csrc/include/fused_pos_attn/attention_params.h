@@ -26,6 +26,11 @@ namespace fused_pos_attn {
 //   rel_bias (Hq, 2, max_distance + 1) fp32 contiguous, max_distance: relative bias by signed distance,
 //     indexed by relative_bias_index.
 //   causal; window: left window, 0 means none; scale: multiplies q.k only (position biases are not scaled).
+//   seqused_k (B,) int64, or empty: dense layout only; batch b's keys are its first seqused_k[b] key rows
+//     (clamped into [0, Nk]). Forward only (KV caches).
+//   block_table (B, max_pages) int64 contiguous, page_size: a paged cache (forward only, dense layout, seqused_k
+//     given), or empty and 0: k / v are (1, Hkv, num_pages * page_size, D) and key j of batch b is row
+//     key_row(b, j) (page ids clamped into [0, num_pages)).
 #define FPA_CALL_ARGS(X)                        \
   X(Tensor, q_offset, const int64_t*)           \
   X(Tensor, k_offset, const int64_t*)           \
@@ -43,7 +48,10 @@ namespace fused_pos_attn {
   X(int, max_distance, int64_t)                 \
   X(bool, causal, bool)                         \
   X(int, window, int64_t)                       \
-  X(float, scale, double)
+  X(float, scale, double)                       \
+  X(Tensor, seqused_k, const int64_t*)          \
+  X(Tensor, block_table, const int64_t*)        \
+  X(int, page_size, int64_t)
 
 // A sequence's rows in the tensors: [start, start + len) along N.
 struct RowRange {
@@ -59,6 +67,8 @@ struct AttentionParams {
 #undef FPA_PARAMS_FIELD
   int64_t slope_stride_b = 0, slope_stride_h = 0;  // element strides of slopes
   bool packed = false;                             // cu_seqlens_q has S + 1 entries (fill_call_args)
+  bool has_seqused_k = false;                      // seqused_k has B entries (fill_call_args)
+  int64_t max_pages = 0;                           // block_table's columns; 0 when not paged
 
   int64_t group() const { return heads_q / heads_kv; }
   float slope(int64_t b, int64_t h) const { return slopes[b * slope_stride_b + h * slope_stride_h]; }
@@ -73,14 +83,35 @@ struct AttentionParams {
   FPA_HOST_DEVICE int64_t tensor_batch(int64_t b) const { return packed ? 0 : b; }
   FPA_HOST_DEVICE int64_t tensor_batches() const { return packed ? 1 : batch; }
   FPA_HOST_DEVICE RowRange q_rows(int64_t b) const { return rows_of(cu_seqlens_q, b, seq_q, max_seqlen_q); }
-  FPA_HOST_DEVICE RowRange k_rows(int64_t b) const { return rows_of(cu_seqlens_k, b, seq_k, max_seqlen_k); }
+  // Paged: b's keys are its logical rows [0, seqused_k[b]) (key_row maps them to the cache).
+  FPA_HOST_DEVICE RowRange k_rows(int64_t b) const {
+    RowRange r = paged() ? RowRange{0, max_pages * page_size} : rows_of(cu_seqlens_k, b, seq_k, max_seqlen_k);
+    if (has_seqused_k) r.len = bounded(seqused_k[b], r.len);
+    return r;
+  }
   FPA_HOST_DEVICE int64_t q_start(int64_t b) const { return q_rows(b).start; }
   FPA_HOST_DEVICE int64_t q_len(int64_t b) const { return q_rows(b).len; }
   FPA_HOST_DEVICE int64_t k_start(int64_t b) const { return k_rows(b).start; }
   FPA_HOST_DEVICE int64_t k_len(int64_t b) const { return k_rows(b).len; }
   // Upper bounds of q_len(b) / k_len(b) over b: what grids and per-sequence buffers are sized for.
   FPA_HOST_DEVICE int64_t max_q_len() const { return packed ? bounded(max_seqlen_q, seq_q) : seq_q; }
-  FPA_HOST_DEVICE int64_t max_k_len() const { return packed ? bounded(max_seqlen_k, seq_k) : seq_k; }
+  FPA_HOST_DEVICE int64_t max_k_len() const {
+    return paged() ? max_pages * page_size : packed ? bounded(max_seqlen_k, seq_k) : seq_k;
+  }
+  // Paged caches: k / v hold num_pages pages of page_size rows in one tensor batch.
+  FPA_HOST_DEVICE bool paged() const { return page_size > 0; }
+  FPA_HOST_DEVICE int64_t k_tensor_batch(int64_t b) const { return paged() ? 0 : tensor_batch(b); }
+  // The k / v row (along N of tensor batch k_tensor_batch(b)) of b's key j, 0 <= j < k_len(b).
+  FPA_HOST_DEVICE int64_t key_row(int64_t b, int64_t j) const {
+    if (!paged()) return k_start(b) + j;
+    const int64_t page = bounded(block_table[b * max_pages + j / page_size], seq_k / page_size - 1);
+    return page * page_size + j % page_size;
+  }
+  // How many of b's keys from j on (at most `most`) sit in consecutive rows: up to the end of j's page.
+  FPA_HOST_DEVICE int64_t key_run(int64_t j, int64_t most) const {
+    const int64_t to_page_end = paged() ? page_size - j % page_size : most;
+    return to_page_end < most ? to_page_end : most;
+  }
   // Rows of the (B, Hq, Nq) LSE (and of every per-query-row workspace): tensor batches x Hq x Nq.
   FPA_HOST_DEVICE int64_t lse_rows() const { return tensor_batches() * heads_q * seq_q; }
   // The batch / sequence whose rows (q_rows) hold query row `row` (along N) of tensor batch tb, or -1 when
@@ -137,6 +168,8 @@ void fill_call_args(AttentionParams& p, const CallArgs& args) {
   p.slope_stride_h = args.slopes.stride(1);
   p.packed = args.cu_seqlens_q.size(0) > 0;
   if (p.packed) p.batch = args.cu_seqlens_q.size(0) - 1;
+  p.has_seqused_k = args.seqused_k.size(0) > 0;
+  p.max_pages = p.paged() ? args.block_table.size(1) : 0;
 }
 
 }  // namespace fused_pos_attn
