@@ -87,24 +87,27 @@ def _needs_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attention
 
 
 def check_tensor_types(tensors: dict, layouts: dict) -> None:
-    """Each named tensor is a torch.Tensor of len(layout) dims and a float dtype, all of one dtype and device.
-    layouts: name -> its layout text, e.g. "(B, Hq, Nq, D)" (the dims are counted from it)."""
+    """Each named tensor is a torch.Tensor of as many dims as its layout's first parenthesized group names, with a
+    float dtype; the first three (q, k, v in that order, whatever their names) share a dtype and a device, and k's
+    shape is v's. layouts: name -> its layout text, e.g. "(B, Hq, Nq, D)" (the dims are counted from it)."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        ndim = layouts[name].count(",") + 1
+        ndim = layouts[name].split(")")[0].count(",") + 1
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D {layouts[name]}, got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    (q_name, q), (k_name, k), (v_name, v) = list(tensors.items())[:3]
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise TypeError(f"{q_name}, {k_name}, {v_name} must share a dtype, got {q_name} {q.dtype}, {k_name} {k.dtype}, "
+                        f"{v_name} {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+        raise ValueError(f"{q_name}, {k_name}, {v_name} must be on one device, got {q_name} {q.device}, {k_name} "
+                         f"{k.device}, {v_name} {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape {layouts['k']}, got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+        raise ValueError(f"{k_name} and {v_name} must have the same shape {layouts[k_name]}, got {k_name} "
+                         f"{tuple(k.shape)}, {v_name} {tuple(v.shape)}")
 
 
 def check_heads(num_heads: int, num_kv_heads: int, head_dim: int, kv_head_dim: int) -> None:
