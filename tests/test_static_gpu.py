@@ -85,12 +85,13 @@ ARCHS = (80, 90)
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"  # static_check[_full][_triton<version>].md
 
-# Kernel name -> (module, config-list function name or None for the fixed-config preprocess kernel).
+# Kernel name -> (module, config-list function name or None for the fixed-config preprocess and merge kernels).
 KERNELS = {
     "_attn_fwd_kernel": ("forward", "forward_configs"),
     "_attn_bwd_dkdv_kernel": ("backward", "backward_dkdv_configs"),
     "_attn_bwd_dq_kernel": ("backward", "backward_dq_configs"),
     "_attn_bwd_preprocess_kernel": ("backward", None),
+    "_attn_split_merge_kernel": ("forward", None),
 }
 
 # Every runtime parameter of every kernel, by kind. INPUT: the q / k / v dtype of the variant.
@@ -108,11 +109,12 @@ POINTER_TYPES = {
     "CuSeqlensQ": "i64", "CuSeqlensK": "i64",  # (S + 1,) packed layout's sequence starts (VARLEN)
     "SeqUsedK": "i64",                   # (B,) a KV cache's key count per batch (SEQUSED)
     "BlockTable": "i64",                 # (B, max_pages) a paged cache's page ids (PAGED)
+    "OutPartial": "fp32", "LsePartial": "fp32",  # split-KV partial results (SPLIT, the merge kernel)
 }
 SCALAR_TYPES = {
     **{name: "i32" for name in ("num_heads", "num_kv_groups", "seq_len_q", "seq_len_k", "window", "max_distance",
                                 "num_buckets", "len_bucket_q", "len_bucket_k", "max_seqlen_q", "max_seqlen_k",
-                                "page_size", "max_pages")},
+                                "page_size", "max_pages", "num_splits")},
     "sm_scale": "fp32", "attention_factor": "fp32",
 }
 # Stride name -> how a launch on contiguous tensors specialises it: "unit" (== 1: constexpr), "aligned"
@@ -122,6 +124,7 @@ STRIDE_KINDS = {
        for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for dim in "bhnd"},  # (B, H, N, D) tensors
     "stride_sb": "any", "stride_sh": "unit",  # slopes (B, Hq)
     "stride_rh": "any",                       # rel_bias (Hq, 2, max_distance + 1)
+    **{f"stride_p{dim}": "unit" if dim == "d" else "aligned" for dim in "bhnd"},  # the merge's OutPartial
 }
 
 
@@ -131,7 +134,9 @@ class Variant:
     gradient (relative only), compiled for the largest table the launcher takes (launch.MAX_GRAD_BUCKETS
     buckets: the only thing the bucket count changes is the size of that register accumulator); dlse: a
     gradient flows into the returned LSE; varlen: the packed layout (VARLEN: rows found through cu_seqlens);
-    paged: a paged KV cache with per-batch key counts (SEQUSED and PAGED; the forward kernel only).
+    paged: a paged KV cache with per-batch key counts (SEQUSED and PAGED; the forward kernel only);
+    decode_rows: a split-KV decode forward (launch.decode_plan: GQA groups of 2 heads, keys split) with tiles of
+    that many rows (decode_configs), 0 for the ordinary forward.
     Fields that do not apply to the scheme are normalised away by for_scheme."""
     scheme: str
     dtype: str = "fp16"
@@ -143,6 +148,7 @@ class Variant:
     dlse: bool = False
     varlen: bool = False
     paged: bool = False
+    decode_rows: int = 0
 
     def for_scheme(self) -> "Variant":
         rope, relative = self.scheme == "rope", self.scheme == "relative"
@@ -158,6 +164,9 @@ DEFAULT_EXTRA_VARIANTS = (
     Variant("relative", varlen=True, dlse=True),
     Variant("rope", paged=True),
     Variant("alibi", dtype="bf16", window=True, paged=True),
+    *(Variant(scheme, decode_rows=16) for scheme in ("none", "alibi", "rope", "relative")),
+    Variant("rope", rotary=0.5, decode_rows=16),
+    Variant("rope", dtype="bf16", window=True, rotary=0.5, interleaved=True, paged=True, decode_rows=16),
 )
 DEFAULT_HEAD_DIMS = (64, 128, 256)
 FULL_SCHEMES = BASE_VARIANTS + (Variant("rope", rotary=0.25),)
@@ -203,7 +212,7 @@ def _constexpr_values(kernel: str, head_dim: int, variant: Variant) -> dict:
     arguments, gives kernel for a launch of the variant. Built on meta tensors: only shapes, dtypes and
     which tensors a launch passes matter."""
     import torch
-    from fused_pos_attn.triton_kernels.launch import KernelCall, KernelPosition, kernel_arguments
+    from fused_pos_attn.triton_kernels.launch import DecodePlan, KernelCall, KernelPosition, kernel_arguments
     batch, heads, kv_heads, seq = 2, 4, 2, 256
     from fused_pos_attn.triton_kernels.launch import MAX_GRAD_BUCKETS
     rotary_dim = int(head_dim * variant.rotary) if variant.scheme == "rope" else 0
@@ -233,8 +242,12 @@ def _constexpr_values(kernel: str, head_dim: int, variant: Variant) -> dict:
         tensors["DLse"] = stats
     if variant.rel_grad:
         tensors["DRelTable"] = torch.empty(seq // 16, batch, heads, buckets, device="meta")
+    if kernel == "_attn_split_merge_kernel":  # 4 splits' partials of every head
+        tensors.update(OutPartial=torch.empty(layout[0], 4 * heads, layout[1], head_dim, device="meta"),
+                       LsePartial=torch.empty(layout[0], 4 * heads, layout[1], device="meta"))
+    plan = DecodePlan(group=heads // kv_heads, splits=4, block_m=variant.decode_rows) if variant.decode_rows else None
     fn = _kernel(kernel)
-    arguments = kernel_arguments(fn, call, **tensors)
+    arguments = kernel_arguments(fn, call, plan, **tensors)
     return {name: arguments[name] for name, is_constexpr in _parameters(fn) if is_constexpr and name in arguments}
 
 
@@ -338,13 +351,19 @@ def _worker_loop(conn) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Driver side.
 
-def _config_shapes(kernel: str, block_d: int, scheme: str) -> list:
+def _config_shapes(kernel: str, block_d: int, variant: Variant) -> list:
     """(BLOCK_M, BLOCK_N or None, num_warps, num_stages, maxnreg) of every config launch.py launches kernel with
-    for block_d and the scheme: configs.py's autotune list (config_fn(block_d, scheme name)), or the
-    preprocess kernel's one fixed config."""
+    for block_d and the variant: configs.py's autotune list (config_fn(block_d, scheme name), or decode_configs
+    for a decode forward), or the preprocess / merge kernel's one fixed config."""
     from fused_pos_attn.triton_kernels import configs, launch
     _, config_fn = KERNELS[kernel]
-    found = [launch.PREPROCESS_CONFIG] if config_fn is None else getattr(configs, config_fn)(block_d, scheme)
+    fixed = {"_attn_bwd_preprocess_kernel": launch.PREPROCESS_CONFIG, "_attn_split_merge_kernel": launch.MERGE_CONFIG}
+    if config_fn is None:
+        found = [fixed[kernel]]
+    elif kernel == "_attn_fwd_kernel" and variant.decode_rows:
+        found = configs.decode_configs(block_d, variant.scheme, variant.decode_rows)
+    else:
+        found = getattr(configs, config_fn)(block_d, variant.scheme)
     return [(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N"), c.num_warps, c.num_stages, getattr(c, "maxnreg", None))
             for c in found]
 
@@ -360,8 +379,7 @@ def _jobs(head_dims, variants, archs=ARCHS) -> list:
             block_d = block_d_for(head_dim)
             for variant in dict.fromkeys(v.for_scheme() for v in variants):
                 values = _constexpr_values(kernel, head_dim, variant)
-                for block_m, block_n, num_warps, num_stages, maxnreg in _config_shapes(kernel, block_d,
-                                                                                       variant.scheme):
+                for block_m, block_n, num_warps, num_stages, maxnreg in _config_shapes(kernel, block_d, variant):
                     constexprs = dict(values, BLOCK_M=block_m, **({"BLOCK_N": block_n} if block_n else {}))
                     for arch in archs:
                         key = (kernel, variant.dtype, arch, num_warps, num_stages, maxnreg,
@@ -460,6 +478,8 @@ def _scheme_label(r: dict) -> str:
     """e.g. "rope (rotary 16, interleaved)", "relative (no table grad)"; for the preprocess kernel "dLSE" or "-"."""
     if r["kernel"] == "_attn_bwd_preprocess_kernel":
         return "dLSE" if r["variant"].dlse else "-"
+    if r["kernel"] == "_attn_split_merge_kernel":
+        return "-"
     variant, details = r["variant"], []
     if variant.scheme == "rope" and variant.rotary != 1.0:
         details.append(f"rotary {int(r['head_dim'] * variant.rotary)}")
@@ -472,8 +492,9 @@ def _scheme_label(r: dict) -> str:
 
 def _mask_label(r: dict) -> str:
     variant = r["variant"]
-    packed = ["varlen"] if variant.varlen else []
-    if r["kernel"] == "_attn_bwd_preprocess_kernel":
+    packed = (["varlen"] if variant.varlen else []) + (["paged"] if variant.paged else []) + (
+        [f"decode {variant.decode_rows} rows"] if variant.decode_rows and r["kernel"] == "_attn_fwd_kernel" else [])
+    if r["kernel"] in ("_attn_bwd_preprocess_kernel", "_attn_split_merge_kernel"):
         return ", ".join(packed) or "-"
     return ", ".join(["causal" if variant.causal else "non-causal"] + (["window"] if variant.window else []) + packed)
 
@@ -567,7 +588,7 @@ def test_default_matrix_covers_every_variant_switch():
     """Item 1.5 of issue 9: non-causal, window, interleaved RoPE, partial rotary and bf16 (and the base's
     fp16, causal, rotate-half, full rotary) each reach every attention kernel at every default head dim, as
     does the packed layout (issue 10); the relative table gradient is compiled for the largest table the
-    launcher takes."""
+    launcher takes; paged caches, split-KV decode tiles and their merge kernel reach the forward (issue 13)."""
     pytest.importorskip("triton")
     switches = {"non-causal": lambda v: not v.causal, "causal": lambda v: v.causal, "window": lambda v: v.window,
                 "interleaved": lambda v: v.interleaved,
@@ -585,6 +606,14 @@ def test_default_matrix_covers_every_variant_switch():
             variants = [j["variant"] for j in jobs if j["kernel"] == kernel and j["head_dim"] == head_dim]
             missing = [switch for switch, on in switches.items() if not any(map(on, variants))]
             assert not missing, f"{kernel} HEAD_DIM {head_dim}: no job with {', '.join(missing)}"
+    # The forward's KV-cache and decode paths (issue 13): paged caches, every scheme in a split-KV decode tile, and
+    # the merge kernel, at every default head dim.
+    for head_dim in DEFAULT_HEAD_DIMS:
+        forward = [j for j in jobs if j["kernel"] == "_attn_fwd_kernel" and j["head_dim"] == head_dim]
+        assert any(j["constexprs"]["PAGED"] for j in forward), f"HEAD_DIM {head_dim}: no paged forward"
+        decoded = {j["variant"].scheme for j in forward if j["constexprs"]["SPLIT"] and j["constexprs"]["GROUP"] > 1}
+        assert decoded == {"none", "alibi", "rope", "relative"}, f"HEAD_DIM {head_dim}: decode only for {decoded}"
+        assert any(j["kernel"] == "_attn_split_merge_kernel" and j["head_dim"] == head_dim for j in jobs)
 
 
 def test_every_config_compiles_without_spills_within_shared_limits():

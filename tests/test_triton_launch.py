@@ -182,7 +182,7 @@ def test_packed_call_arguments_and_grids(monkeypatch):
     if block is not None:  # the interpreter's one config: grids as (blocks of the longest sequence, S * heads)
         preprocess_block = launch.PREPROCESS_CONFIG.kwargs["BLOCK_M"]
         assert [(kernel.__name__, grid) for kernel, grid in grids] == [
-            ("_attn_fwd_kernel", (triton.cdiv(20, block), 3 * 4)),
+            ("_attn_fwd_kernel", (triton.cdiv(20, block), 3 * 4, 1)),  # no key split: 20 query rows
             ("_attn_bwd_preprocess_kernel", (triton.cdiv(20, preprocess_block), 3 * 4)),
             ("_attn_bwd_dkdv_kernel", (triton.cdiv(7, block), 3 * 2)),
             ("_attn_bwd_dq_kernel", (triton.cdiv(20, block), 3 * 4))]
@@ -243,13 +243,13 @@ def test_autotune_trial_launches_leave_no_trace(monkeypatch):
     real_configs, real_autotune = launch._configs, triton.autotune
     monkeypatch.setattr(launch, "INTERPRETER_CONFIG", chosen)
     expected = _run_forward_backward(spec, **lengths)
-    monkeypatch.setattr(launch, "_configs", lambda kernel, block_d, pos: real_configs(kernel, block_d, pos)
-                        if kernel is launch._attn_bwd_preprocess_kernel else [small, chosen])
+    monkeypatch.setattr(launch, "_configs", lambda kernel, block_d, pos, decode_block_m=None: real_configs(
+        kernel, block_d, pos, decode_block_m) if kernel is launch._attn_bwd_preprocess_kernel else [small, chosen])
     monkeypatch.setattr(triton, "autotune", lambda *args, **kwargs: real_autotune(*args, do_bench=fake_bench, **kwargs))
     launch._autotuned.cache_clear()
     try:
         tuned = _run_forward_backward(spec, **lengths)
-        assert launch._autotuned(launch._attn_bwd_dkdv_kernel, 16, "relative").best_config is chosen
+        assert launch._autotuned(launch._attn_bwd_dkdv_kernel, 16, "relative", None).best_config is chosen
     finally:
         launch._autotuned.cache_clear()
     for name, got, want in zip(("dq", "dk", "dv", "d_table"), tuned, expected):

@@ -44,7 +44,7 @@ def forward_configs(block_d: int, pos: str) -> list:
     elif block_d <= 128:
         shapes = [(128, 32, 8, 3), (64, 64, 8, 3)]
     elif pos == "rope":  # capped at 128 registers M16 N32 spilled (interleaved D/2, Triton 3.6; half rotary, 3.9);
-        shapes = [(16, 32, 8, 2, MAX_REGISTERS), (16, 32, 8, 3, MAX_REGISTERS)]  # M32 N16 spills under 3.6 uncapped
+        shapes = [(16, 32, 8, 2, MAX_REGISTERS)]  # M32 N16 spills under 3.6 uncapped; 3 stages too (paged, 3.6)
     elif pos == "relative":  # M64 N32 spills (bf16 window, sm_90)
         shapes = [(64, 16, 8, 2)]
     else:
@@ -93,6 +93,26 @@ def backward_dq_configs(block_d: int, pos: str) -> list:
         shapes = [(16, 32, 8, 2, MAX_REGISTERS), (16, 32, 8, 3, MAX_REGISTERS)]
     else:
         shapes = [(32, 32, 8, 1)]
+    return _configs(shapes)
+
+
+def decode_configs(block_d: int, pos: str, block_m: int) -> list:
+    """Split-KV decode forward (launch.decode_plan): the tile's block_m rows (16: launch.MAX_DECODE_TILE_ROWS)
+    are a few query rows of a GQA group's heads, streamed over many keys; 4 warps, 2 stages, ptxas's register
+    cap lifted. 64-row tiles spilled (up to 4 KB at D = 256 with RoPE) and so did 16-row ones at 3 stages or
+    with the default cap (8-96 B, RoPE)."""
+    if block_d <= 64 and pos == "rope":  # N128 spilled 12-76 B (Triton 3.6)
+        shapes = [(block_m, 64, 4, 2, MAX_REGISTERS)]
+    elif block_d <= 64:
+        shapes = [(block_m, 64, 4, 2, MAX_REGISTERS), (block_m, 128, 4, 2, MAX_REGISTERS)]
+    elif block_d <= 128 and pos == "rope":  # N64 spilled 84-192 B (Triton 3.6)
+        shapes = [(block_m, 32, 4, 2, MAX_REGISTERS)]
+    elif block_d <= 128:
+        shapes = [(block_m, 64, 4, 2, MAX_REGISTERS), (block_m, 32, 4, 2, MAX_REGISTERS)]
+    elif pos == "rope":  # N32 spilled 36-48 B (sm_80, sm_90)
+        shapes = [(block_m, 16, 4, 2, MAX_REGISTERS)]
+    else:
+        shapes = [(block_m, 32, 4, 2, MAX_REGISTERS), (block_m, 16, 4, 2, MAX_REGISTERS)]
     return _configs(shapes)
 
 

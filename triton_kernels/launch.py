@@ -16,9 +16,9 @@ import torch
 import triton
 
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel
-from .configs import (INTERPRETER_CONFIG, backward_dkdv_configs, backward_dq_configs, block_d_for,
+from .configs import (INTERPRETER_CONFIG, backward_dkdv_configs, backward_dq_configs, block_d_for, decode_configs,
                       forward_configs)
-from .forward import _attn_fwd_kernel
+from .forward import _attn_fwd_kernel, _attn_split_merge_kernel
 from .interpreter_compat import fix_loop_bounds
 from .scheme_codes import SCHEME_CODES, SCHEME_NAMES
 
@@ -26,18 +26,31 @@ from .scheme_codes import SCHEME_CODES, SCHEME_NAMES
 # (diagonals, NUM_BUCKETS_BLOCK) one-hot. 32 buckets (T5's default) compile spill-free in every shipped config;
 # 64 spilled on sm_80 (M64 N16 at D = 64), as did 128 even with the one-hot built 32 buckets at a time.
 MAX_GRAD_BUCKETS = 32
-# The preprocess kernel is a row reduction, launched with one fixed tile (tests/test_static_gpu.py compiles it).
+# The preprocess kernel is a row reduction, launched with one fixed tile (tests/test_static_gpu.py compiles it);
+# so is the split-KV merge.
 PREPROCESS_CONFIG = triton.Config({"BLOCK_M": 64}, num_warps=4)
+MERGE_CONFIG = triton.Config({"BLOCK_M": 16}, num_warps=4)
+# Split-KV decoding (decode_plan): calls with at most this many query rows per batch / sequence ...
+MAX_DECODE_ROWS = 16
+# ... put up to this many rows (query rows x GQA heads) in one tile, and split the keys until the grid has
+# DECODE_WAVES programs per SM (the interpreter: INTERPRETER_PROGRAMS programs), each split keeping at least
+# MIN_SPLIT_KEYS keys (the interpreter: 2 of its 16-key blocks, so that small tests take the split).
+MAX_DECODE_TILE_ROWS = 16  # 64-row tiles spilled (configs.decode_configs)
+DECODE_WAVES = 2
+INTERPRETER_PROGRAMS = 8
+MIN_SPLIT_KEYS = 256
+INTERPRETER_MIN_SPLIT_KEYS = 32
 TUNED = ("BLOCK_M", "BLOCK_N")  # meta-parameters a launch config sets; kernel_arguments never does
 _TUNE_KEY = ["HEAD_DIM", "ROTARY_DIM", "POS", "CAUSAL", "HAS_WINDOW", "INTERLEAVED", "DOT_PRECISION", "REL_GRAD",
-             "NUM_BUCKETS_BLOCK", "VARLEN", "SEQUSED", "PAGED", "len_bucket_q", "len_bucket_k"]
+             "NUM_BUCKETS_BLOCK", "VARLEN", "SEQUSED", "PAGED", "GROUP", "SPLIT", "len_bucket_q", "len_bucket_k"]
 _CONFIG_LISTS = {_attn_fwd_kernel: forward_configs, _attn_bwd_dkdv_kernel: backward_dkdv_configs,
                  _attn_bwd_dq_kernel: backward_dq_configs}
 # Stride parameters of each strided tensor parameter: stride_<prefix><dim> for the dims its strides name
 # ((B, H, N, D) tensors: b, h, n, d; slopes (B, Hq): b, h; the relative bias (Hq, 2, max_distance + 1): h).
 _STRIDE_NAMES = {name: tuple(f"stride_{prefix}{dim}" for dim in dims) for name, prefix, dims in (
     ("Q", "q", "bhnd"), ("K", "k", "bhnd"), ("V", "v", "bhnd"), ("Out", "o", "bhnd"), ("DOut", "do", "bhnd"),
-    ("DQ", "dq", "bhnd"), ("DK", "dk", "bhnd"), ("DV", "dv", "bhnd"), ("Slopes", "s", "bh"), ("RelBias", "r", "h"))}
+    ("DQ", "dq", "bhnd"), ("DK", "dk", "bhnd"), ("DV", "dv", "bhnd"), ("Slopes", "s", "bh"), ("RelBias", "r", "h"),
+    ("OutPartial", "p", "bhnd"))}
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,41 @@ class KernelCall:
         return q.shape[0], q.shape[2], k.shape[2]
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """How a decode-shaped forward runs: `group` query heads of one kv head per program (their rows share the
+    tile's block_m rows and each K / V load), the keys split `splits` ways (partials merged by a second kernel)."""
+
+    group: int
+    splits: int
+    block_m: int
+
+
+def decode_plan(q: torch.Tensor, k: torch.Tensor, call: KernelCall) -> Optional[DecodePlan]:
+    """The split-KV plan of a forward with at most MAX_DECODE_ROWS query rows per batch / sequence, else None.
+    group: the largest divisor of Hq / Hkv whose rows fit MAX_DECODE_TILE_ROWS; splits: enough programs for
+    DECODE_WAVES per SM (INTERPRETER_PROGRAMS under the interpreter), each split keeping MIN_SPLIT_KEYS keys."""
+    sequences, rows_q, rows_k = call.extent(q, k)
+    num_heads, num_kv_groups = q.shape[1], q.shape[1] // k.shape[1]
+    if rows_q > MAX_DECODE_ROWS or rows_q == 0:
+        return None
+    group = max(d for d in range(1, num_kv_groups + 1)
+                if num_kv_groups % d == 0 and d * rows_q <= max(MAX_DECODE_TILE_ROWS, rows_q))
+    block_m = max(16, triton.next_power_of_2(group * rows_q))
+    programs = sequences * (num_heads // group)
+    if _interpreting():
+        target, min_keys = INTERPRETER_PROGRAMS, INTERPRETER_MIN_SPLIT_KEYS
+    else:
+        target, min_keys = DECODE_WAVES * _sm_count(q.device), MIN_SPLIT_KEYS
+    splits = max(1, min(triton.cdiv(target, programs), rows_k // min_keys))
+    return DecodePlan(group=group, splits=splits, block_m=block_m)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -125,14 +173,15 @@ def _tile_widths(position: KernelPosition, head_dim: int) -> dict:
                 PASS_BLOCK=max(16, triton.next_power_of_2(pass_dim)), HAS_PASS=pass_dim > 0, ROTARY_DIM=rotary_dim)
 
 
-def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
+def kernel_arguments(kernel, call: KernelCall, plan: Optional[DecodePlan] = None, **tensors: torch.Tensor) -> dict:
     """Keyword arguments of one launch of kernel: one value for each of its parameters but TUNED ones.
 
     tensors: the launch's tensors by kernel parameter name: Q (B, Hq, Nq, D) and K (B, Hkv, Nk, D) always (they
     give the shapes), and those of Out, Lse, DOut, Delta, DQ, DK, DV, DLse, DRelTable the launch has. Position
     tensors come from call.position, with placeholders for those a scheme lacks (never read); every strided
     tensor brings its strides. Passing DLse turns on HAS_DLSE, DRelTable turns on REL_GRAD; call.cu_seqlens_q
-    turns on VARLEN (seq_len_q / seq_len_k are then the packed totals, the tensors' N).
+    turns on VARLEN (seq_len_q / seq_len_k are then the packed totals, the tensors' N). plan: a decode
+    forward's GROUP and splits (SPLIT, num_splits); None for one head per program and no split.
     """
     q, k = tensors["Q"], tensors["K"]
     batch, num_heads, seq_q, head_dim = q.shape
@@ -168,7 +217,8 @@ def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
         POS=SCHEME_CODES[position.kind], CAUSAL=bool(call.causal), HAS_WINDOW=call.window is not None,
         INTERLEAVED=bool(position.interleaved), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_DLSE="DLse" in tensors, REL_GRAD=rel_grad, VARLEN=call.varlen, SEQUSED=call.seqused_k is not None,
-        PAGED=call.block_table is not None,
+        PAGED=call.block_table is not None, GROUP=plan.group if plan else 1, SPLIT=bool(plan and plan.splits > 1),
+        num_splits=plan.splits if plan else 1,
         NUM_BUCKETS_BLOCK=triton.next_power_of_2(position.num_buckets) if rel_grad else 1)
     missing = [name for name in kernel.arg_names if name not in values and name not in TUNED]
     if missing:
@@ -176,32 +226,41 @@ def kernel_arguments(kernel, call: KernelCall, **tensors: torch.Tensor) -> dict:
     return {name: values[name] for name in kernel.arg_names if name not in TUNED}
 
 
-def _configs(kernel, block_d: int, pos: str) -> list:
-    """The launch configs of kernel: autotune candidates on GPU, the one interpreter config on CPU tensors."""
+def _configs(kernel, block_d: int, pos: str, decode_block_m: Optional[int] = None) -> list:
+    """The launch configs of kernel: autotune candidates on GPU, the one interpreter config on CPU tensors.
+    decode_block_m: a decode plan's tile rows (forward only), which fixes BLOCK_M."""
     if kernel is _attn_bwd_preprocess_kernel:
         return [PREPROCESS_CONFIG]
+    if kernel is _attn_split_merge_kernel:
+        return [MERGE_CONFIG]
+    if decode_block_m is not None:
+        if _interpreting():
+            return [triton.Config({"BLOCK_M": decode_block_m, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return decode_configs(block_d, pos, decode_block_m)
     if _interpreting():
         return [INTERPRETER_CONFIG]
     return _CONFIG_LISTS[kernel](block_d, pos)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel, block_d: int, pos: str):
+def _autotuned(kernel, block_d: int, pos: str, decode_block_m: Optional[int] = None):
     """kernel autotuned over its config list. The dK/dV kernel writes DRelTable rows only for the key blocks
     of its config, so trial launches with other BLOCK_N must not leave rows behind: reset_to_zero (the
     autotuner zeroes it before every trial and again before the real launch). No kernel accumulates into
     an output, so no other buffer needs resetting."""
     names = kernel.arg_names
-    return triton.autotune(configs=_configs(kernel, block_d, pos), key=[n for n in _TUNE_KEY if n in names],
+    return triton.autotune(configs=_configs(kernel, block_d, pos, decode_block_m),
+                           key=[n for n in _TUNE_KEY if n in names],
                            reset_to_zero=["DRelTable"] if "DRelTable" in names else None)(kernel)
 
 
-def _launch(kernel, grid, call: KernelCall, **tensors: torch.Tensor) -> None:
-    """Launch kernel over grid(meta) with kernel_arguments(kernel, call, **tensors) and its configs. An empty grid
-    (packed sequences all empty along the grid's axis) launches nothing: its size is 0 under every config."""
-    kwargs = kernel_arguments(kernel, call, **tensors)
+def _launch(kernel, grid, call: KernelCall, plan: Optional[DecodePlan] = None, **tensors: torch.Tensor) -> None:
+    """Launch kernel over grid(meta) with kernel_arguments(kernel, call, plan, **tensors) and its configs. An empty
+    grid (packed sequences all empty along the grid's axis) launches nothing: its size is 0 under every config."""
+    kwargs = kernel_arguments(kernel, call, plan, **tensors)
     block_d, pos = kwargs["BLOCK_D"], SCHEME_NAMES[kwargs.get("POS", SCHEME_CODES["none"])]
-    configs = _configs(kernel, block_d, pos)
+    decode_block_m = plan.block_m if plan is not None and kernel is _attn_fwd_kernel else None
+    configs = _configs(kernel, block_d, pos, decode_block_m)
     if 0 in grid(configs[0].all_kwargs()):
         return
     if _interpreting():
@@ -210,7 +269,7 @@ def _launch(kernel, grid, call: KernelCall, **tensors: torch.Tensor) -> None:
         meta = configs[0].all_kwargs()
         kernel[grid(meta)](**kwargs, **meta)
     else:
-        _autotuned(kernel, block_d, pos)[grid](**kwargs)
+        _autotuned(kernel, block_d, pos, decode_block_m)[grid](**kwargs)
 
 
 def _device_context(device: torch.device):
@@ -223,14 +282,25 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> out like q, lse (B, Hq, Nq) fp32 (natural log); packed layout
     (call.varlen): B = 1, N the totals, lse (1, Hq, total_q). A program per (query block, batch or sequence *
-    query head)."""
-    batch, num_heads, seq_q, _ = q.shape
+    query head); decode shapes (decode_plan) per (query block, batch or sequence * GQA head group, key split),
+    the splits' partial results then merged by _attn_split_merge_kernel."""
+    batch, num_heads, seq_q, head_dim = q.shape
     sequences, rows_q, _ = call.extent(q, k)
+    plan = decode_plan(q, k, call)
+    group, splits = (plan.group, plan.splits) if plan else (1, 1)
     with _device_context(q.device):
         out = torch.empty_like(q)
         lse = torch.empty((batch, num_heads, seq_q), dtype=torch.float32, device=q.device)
-        _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"]), sequences * num_heads), call,
-                Q=q, K=k, V=v, Out=out, Lse=lse)
+        # Split s of head h lands at head s * Hq + h of fp32 partials.
+        partial_out = torch.empty((batch, splits * num_heads, seq_q, head_dim), dtype=torch.float32,
+                                  device=q.device) if splits > 1 else out
+        partial_lse = lse.new_empty((batch, splits * num_heads, seq_q)) if splits > 1 else lse
+        _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(rows_q, meta["BLOCK_M"] // group),
+                                                sequences * num_heads // group, splits),
+                call, plan, Q=q, K=k, V=v, Out=partial_out, Lse=partial_lse)
+        if splits > 1:
+            _launch(_attn_split_merge_kernel, lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_heads),
+                    call, plan, Q=q, K=k, OutPartial=partial_out, LsePartial=partial_lse, Out=out, Lse=lse)
     return out, lse
 
 
