@@ -6,11 +6,14 @@
 Providers, per scheme (B = 1, Hq = 8, D = 64, fp32 on CPU / bf16 on CUDA; MHA and GQA 8 / 2):
   fused  fused_attention over the cache as stored: un-rotated keys, RoPE applied to q and every key in the
          kernel at its position (q_offset = Nk - Nq), the ALiBi bias computed in the kernel.
+  paged  fused_attention_with_kvcache over the same keys in a paged cache (pages of 16 rows, shuffled), the
+         new rows already written (cache_seqlens = Nk - Nq).
   sdpa   what models do without the kernel: RoPE keys cached already rotated (only the new query rotated per
          step), the ALiBi bias row (1, H, Nq, Nk) built per step; then F.scaled_dot_product_attention
          (enable_gqa for GQA). For pos none both are plain attention.
 Timing: the providers interleaved round robin over --rounds rounds; each measurement the minimum of --calls calls
 (decode steps are short: the minimum is the uncontended time); the minimum over rounds is reported.
+kv TB/s: the K and V bytes a fused call reads (2 x Hkv x Nk x D x element size) over its time (H200: 4.8 TB/s peak).
 Writes bench/results/decode_<device>_<model>.{md,csv}.
 """
 from __future__ import annotations
@@ -25,15 +28,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fused_pos_attn import fused_attention
+from fused_pos_attn import fused_attention, fused_attention_with_kvcache
 from fused_pos_attn.benchmarking import results_stem, software_versions, write_results
 from fused_pos_attn.positions import ALiBi, RoPE
 from fused_pos_attn.reference import apply_rope, position_bias
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEMES = {"none": lambda: "none", "alibi": ALiBi, "rope": RoPE}
-CSV_FIELDS = ("device", "pos", "kv_heads", "q_rows", "keys", "dtype", "fused_ms", "sdpa_ms", "fused_over_sdpa")
-HEADS, HEAD_DIM = 8, 64
+CSV_FIELDS = ("device", "pos", "kv_heads", "q_rows", "keys", "dtype", "fused_ms", "paged_ms", "sdpa_ms",
+              "fused_over_sdpa", "paged_over_sdpa", "fused_kv_tb_s")
+HEADS, HEAD_DIM, PAGE_SIZE = 8, 64, 16
 
 
 def providers(pos: str, keys: int, q_rows: int, kv_heads: int, device: str, dtype: torch.dtype) -> dict:
@@ -59,7 +63,20 @@ def providers(pos: str, keys: int, q_rows: int, kv_heads: int, device: str, dtyp
         query = apply_rope(q, positions_q, resolved) if pos == "rope" else q
         return F.scaled_dot_product_attention(query, k_rotated, v, attn_mask=mask, enable_gqa=kv_heads != HEADS)
 
-    return {"fused": lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset),
+    # The same keys in shuffled pages: (num_pages, PAGE_SIZE, Hkv, D) and the (1, pages) table that orders them.
+    num_pages = -(-keys // PAGE_SIZE)
+    order = torch.randperm(num_pages, generator=gen)
+    pages_k, pages_v = (torch.zeros(num_pages * PAGE_SIZE, kv_heads, HEAD_DIM, device=device, dtype=dtype)
+                        for _ in range(2))
+    pages_k[:keys], pages_v[:keys] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+    pages_k, pages_v = (t.view(num_pages, PAGE_SIZE, kv_heads, HEAD_DIM)[torch.argsort(order)] for t in (pages_k, pages_v))
+    block_table = order[None].to(device=device, dtype=torch.int32)
+    q_rows_first = q.transpose(1, 2)  # (1, Nq, Hq, D)
+
+    def paged():
+        return fused_attention_with_kvcache(q_rows_first, pages_k, pages_v, offset, scheme, block_table=block_table)
+
+    return {"fused": lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset), "paged": paged,
             "sdpa": sdpa}
 
 
@@ -90,15 +107,23 @@ def run(args: argparse.Namespace) -> list[dict]:
                         for name, step in steps.items():
                             best[name] = min(best[name], min_ms(step, args.device, args.calls))
                     rows.append(dict(pos=pos, kv_heads=kv_heads, q_rows=q_rows, keys=keys, **best))
-                    print(f"{pos} Hkv={kv_heads} Nq={q_rows} Nk={keys}: fused {best['fused']:.3f} ms, sdpa "
-                          f"{best['sdpa']:.3f} ms", file=sys.stderr)
+                    print(f"{pos} Hkv={kv_heads} Nq={q_rows} Nk={keys}: fused {best['fused']:.3f} ms, paged "
+                          f"{best['paged']:.3f} ms, sdpa {best['sdpa']:.3f} ms", file=sys.stderr)
     return rows
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    lines = ["| pos | Hq / Hkv | Nq | Nk | fused ms | sdpa ms | fused / sdpa |", "|---|---|---|---|---|---|---|"]
+def kv_tb_s(row: dict, dtype: torch.dtype) -> float:
+    """TB/s of K and V read by the fused call: 2 x Hkv x Nk x D elements over its time."""
+    kv_bytes = 2 * row["kv_heads"] * row["keys"] * HEAD_DIM * torch.empty(0, dtype=dtype).element_size()
+    return kv_bytes / (row["fused"] * 1e-3) / 1e12
+
+
+def markdown_table(rows: Sequence[dict], dtype: torch.dtype) -> str:
+    lines = ["| pos | Hq / Hkv | Nq | Nk | fused ms | paged ms | sdpa ms | fused / sdpa | paged / sdpa | fused kv TB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['pos']} | {HEADS} / {r['kv_heads']} | {r['q_rows']} | {r['keys']} | {r['fused']:.3f} | "
-              f"{r['sdpa']:.3f} | {r['fused'] / r['sdpa']:.2f} |" for r in rows]
+              f"{r['paged']:.3f} | {r['sdpa']:.3f} | {r['fused'] / r['sdpa']:.2f} | {r['paged'] / r['sdpa']:.2f} | "
+              f"{kv_tb_s(r, dtype):.3f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -129,14 +154,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
            "config": f"B=1, Hq={HEADS}, D={HEAD_DIM}, {args.dtype}, causal, q_offset = Nk - Nq",
            "timing": f"providers interleaved, min over {args.rounds} rounds of the min of {args.calls} calls"}
     rows = run(args)
-    table = markdown_table(rows)
+    dtype = getattr(torch, args.dtype)
+    table = markdown_table(rows, dtype)
     print(table)
     if args.quick:
         return
     stem, command = results_stem(__file__, args.out_dir, args.device, env["device"], argv)
     write_results(stem, f"KV-cache decode attention: {env['device']}", env, command, table, CSV_FIELDS,
                   [[env["device"], r["pos"], r["kv_heads"], r["q_rows"], r["keys"], args.dtype, f"{r['fused']:.4f}",
-                    f"{r['sdpa']:.4f}", f"{r['fused'] / r['sdpa']:.3f}"] for r in rows])
+                    f"{r['paged']:.4f}", f"{r['sdpa']:.4f}", f"{r['fused'] / r['sdpa']:.3f}",
+                    f"{r['paged'] / r['sdpa']:.3f}", f"{kv_tb_s(r, dtype):.4f}"] for r in rows])
     print(f"wrote {stem}.md, .csv", file=sys.stderr)
 
 

@@ -25,6 +25,10 @@
 #                    BLOOM-style transformers model (2 layers) patched by fused_pos_attn.hf against
 #                    the same model on eager and SDPA attention, N = 1k..4k, bf16 (skipped with a
 #                    note when transformers is not installed)                                       ~30 s
+#   [hh:mm:ss +380s] decode: bench/decode.py --device cuda: one-token decode over 4k and 32k keys, bf16,
+#                    RoPE / ALiBi / none, MHA and GQA 8 / 2: the split-KV Triton forward (contiguous and
+#                    paged cache) against SDPA over a pre-rotated cache, with the K/V read rate in
+#                    TB/s (H200: 4.8 TB/s peak); the table is in the log                              ~20 s
 #   [hh:mm:ss +380s] bench: bench/gpu_bench.py, one line per measured cell ("bf16 D=128 N=4096
 #                    fwd triton ALiBi: 0.812 ms, 338 TFLOP/s, 0.97x floor, 2 MiB"), then one
 #                    summary table (TFLOP/s and time ratio to SDPA flash per cell)          ~2-2.5 min
@@ -38,7 +42,8 @@
 # Results, in bench/results (GPU_CHECK_RESULTS_DIR), <device> from torch.cuda.get_device_name (nvidia-h100-...):
 #   gpu_check_<device>.md (stage table, versions, failures), gpu_check_<device>.log (all of the above),
 #   gpu_build_<device>.log, gpu_tests_<device>.log, gpu_tests_<device>.xml (JUnit),
-#   gpu_bench_<device>.md / .csv / .png, varlen_cuda_<device>.md / .csv, hf_models_cuda_<device>.md / .csv. Each is
+#   gpu_bench_<device>.md / .csv / .png, varlen_cuda_<device>.md / .csv, hf_models_cuda_<device>.md / .csv,
+#   decode_cuda_<device>.md / .csv (its table also in the log, which comes back through $OUT). Each is
 #   written as its stage ends (the CSV cell by cell); when $OUT is set they are also copied there after every
 #   stage (8 files at most: all but the JUnit XML and the CSVs, whose numbers the .md files have).
 # Exit status: 0 every stage passed; 1 a stage failed or timed out; 2 no CUDA device: a dry run that prints
@@ -60,6 +65,7 @@ TESTS_LEAVE_S=90     # left for the check and the benchmark when the tests start
 CHECK_MAX_S=60
 VARLEN_MAX_S=45
 HF_MAX_S=40
+DECODE_MAX_S=30
 BENCH_MIN_S=60
 BUILD_MAX_S=240
 MAIN_LOG=/dev/null   # set once the device is known
@@ -137,6 +143,7 @@ CHECK_CMD=("$PY" -m fused_pos_attn check --no-bench)
 BENCH_CMD=("$PY" bench/gpu_bench.py --out-dir "$RESULTS")
 VARLEN_CMD=("$PY" bench/varlen.py --device cuda --rounds 2 --min-time 0.1 --out-dir "$RESULTS")
 HF_CMD=("$PY" bench/hf_models.py --device cuda --rounds 1 --min-time 0.2 --out-dir "$RESULTS")
+DECODE_CMD=("$PY" bench/decode.py --device cuda --rounds 2 --calls 10 --q-rows 1 --keys 4096 32768 --out-dir "$RESULTS")
 
 # ---------------------------------------------------------------------------------------------- dry run
 if [[ "$HAS_CUDA" != 1 ]]; then
@@ -151,7 +158,8 @@ if [[ "$HAS_CUDA" != 1 ]]; then
     echo "  3. check:  $(quoted "${CHECK_CMD[@]}")"
     echo "  4. varlen: $(quoted "${VARLEN_CMD[@]}")"
     echo "  5. hf:     $(quoted "${HF_CMD[@]}") (when transformers is installed)"
-    echo "  6. bench:  $(quoted "${BENCH_CMD[@]}") --budget-s <seconds left>"
+    echo "  6. decode: $(quoted "${DECODE_CMD[@]}")"
+    echo "  7. bench:  $(quoted "${BENCH_CMD[@]}") --budget-s <seconds left>"
     echo "The benchmark plan (bench/gpu_bench.py --dry-run):"
     "$PY" bench/gpu_bench.py --dry-run || echo "(the plan could not be built: is fused_pos_attn importable by $PY?)"
     echo
@@ -167,7 +175,7 @@ BUILD_LOG="$RESULTS/gpu_build_${SLUG}.log"
 SUMMARY="$RESULTS/gpu_check_${SLUG}.md"
 : > "$MAIN_LOG"
 rm -f "$BUILD_LOG" "$TEST_LOG" "$TEST_XML" "$RESULTS"/gpu_bench_"$SLUG".* "$RESULTS"/varlen_cuda_"$SLUG".* \
-      "$RESULTS"/hf_models_cuda_"$SLUG".*  # no stale results
+      "$RESULTS"/hf_models_cuda_"$SLUG".* "$RESULTS"/decode_cuda_"$SLUG".*  # no stale results
 
 publish() {  # copy this run's result files to $OUT (the device tool's return folder) when it is set
     [[ -n "${OUT:-}" && -d "${OUT:-}" ]] || return 0
@@ -275,28 +283,32 @@ timeout --foreground "$limit" "${CHECK_CMD[@]}" 2>&1 | tee -a "$MAIN_LOG"
 rc=${PIPESTATUS[0]}
 record check "$(status_of "$rc")" "$start" "python -m fused_pos_attn check"
 
-# 4. packed sequences (bench/varlen.py), capped: its table reports what it measured.
-start=$SECONDS
-limit=$(clamp $(( $(left) - BENCH_MIN_S )) 20 "$VARLEN_MAX_S")
-say "varlen: $(quoted "${VARLEN_CMD[@]}") (limit $limit s)"
-timeout --foreground --kill-after=10 "$limit" "${VARLEN_CMD[@]}" 2>&1 | tee -a "$MAIN_LOG"
-rc=${PIPESTATUS[0]}
-record varlen "$(status_of "$rc")" "$start" "varlen_cuda_$SLUG.md, .csv"
+# A benchmark stage capped at min(what the final benchmark leaves, its own cap): $1 name, $2 cap in seconds,
+# $3 the result files for the stage table, then the command.
+capped_stage() {
+    local name=$1 cap=$2 files=$3 stage_start=$SECONDS stage_limit
+    shift 3
+    stage_limit=$(clamp $(( $(left) - BENCH_MIN_S )) 15 "$cap")
+    say "$name: $(quoted "$@") (limit $stage_limit s)"
+    timeout --foreground --kill-after=10 "$stage_limit" "$@" 2>&1 | tee -a "$MAIN_LOG"
+    record "$name" "$(status_of "${PIPESTATUS[0]}")" "$stage_start" "$files"
+}
 
-# 5. Hugging Face models patched by fused_pos_attn.hf (bench/hf_models.py), capped; only where transformers is.
-start=$SECONDS
+# 4. packed sequences (bench/varlen.py): its table reports what it measured.
+capped_stage varlen "$VARLEN_MAX_S" "varlen_cuda_$SLUG.md, .csv" "${VARLEN_CMD[@]}"
+
+# 5. Hugging Face models patched by fused_pos_attn.hf (bench/hf_models.py); only where transformers is.
 if "$PY" -c "import transformers" 2>/dev/null; then
-    limit=$(clamp $(( $(left) - BENCH_MIN_S )) 20 "$HF_MAX_S")
-    say "hf: $(quoted "${HF_CMD[@]}") (limit $limit s)"
-    timeout --foreground --kill-after=10 "$limit" "${HF_CMD[@]}" 2>&1 | tee -a "$MAIN_LOG"
-    rc=${PIPESTATUS[0]}
-    record hf "$(status_of "$rc")" "$start" "hf_models_cuda_$SLUG.md, .csv"
+    capped_stage hf "$HF_MAX_S" "hf_models_cuda_$SLUG.md, .csv" "${HF_CMD[@]}"
 else
     say "hf: skipped (transformers is not installed for $PY)"
-    record hf skipped "$start" "transformers is not installed"
+    record hf skipped "$SECONDS" "transformers is not installed"
 fi
 
-# 6. the benchmark plan, with what is left of the budget.
+# 6. split-KV decode (bench/decode.py): its table (with the K/V read rate) goes to the log.
+capped_stage decode "$DECODE_MAX_S" "decode_cuda_$SLUG.md, .csv" "${DECODE_CMD[@]}"
+
+# 7. the benchmark plan, with what is left of the budget.
 start=$SECONDS
 limit=$(( $(left) > BENCH_MIN_S ? $(left) : BENCH_MIN_S ))
 say "bench: $(quoted "${BENCH_CMD[@]}") --budget-s $(( limit - 25 )) (limit $limit s)"

@@ -54,7 +54,7 @@ def test_dry_run_without_cuda_says_what_it_would_run_and_fails(tmp_path):
     assert "FUSED_POS_ATTN_CUDA=1 FUSED_POS_ATTN_CUDA_ARCHS=<cc>" in out
     assert "-m pip install --no-build-isolation --no-deps --no-index -e ." in out
     assert "-m pytest -m gpu tests -v" in out and "-m fused_pos_attn check --no-bench" in out
-    assert "bench/gpu_bench.py --out-dir" in out
+    assert "bench/gpu_bench.py --out-dir" in out and "bench/decode.py --device cuda --rounds 2" in out
     assert f"{len(CELLS)} cells, {sum(not c.skip for c in CELLS)} measured" in out  # the plan, from gpu_bench
     assert out.rstrip().endswith("to build, test and benchmark.")
     assert "gpu-check: no CUDA device (" in out and "this was a dry run, exit status 2." in out
@@ -90,6 +90,9 @@ case "$1" in
     bench/hf_models.py) dir=$(sed -n 's/.*--out-dir \([^ ]*\).*/\1/p' <<< "$*")
                         for ext in md csv; do echo "$ext" > "$dir/hf_models_cuda_nvidia-h200.$ext"; done
                         echo "| llama | 1024 | fused | 12 | 0.80 | 40 |" ;;
+    bench/decode.py) dir=$(sed -n 's/.*--out-dir \([^ ]*\).*/\1/p' <<< "$*")
+                     for ext in md csv; do echo "$ext" > "$dir/decode_cuda_nvidia-h200.$ext"; done
+                     echo "| rope | 8 / 2 | 1 | 32768 | 0.020 | 0.021 | 0.030 | 0.67 | 0.70 | 3.400 |" ;;
 esac
 """
 
@@ -117,6 +120,7 @@ def test_stages_with_a_stub_interpreter(tmp_path):
     assert "1 failed, 1 passed in 2.00s" in summary and "FAILED tests/test_gpu.py::test_b - AssertionError" in summary
     assert "| check | ok |" in summary and "| varlen | ok |" in summary and "| bench | ok |" in summary
     assert "| hf | ok |" in summary and "| llama | 1024 | fused |" in log
+    assert "| decode | ok |" in summary and "| rope | 8 / 2 | 1 | 32768 |" in log
     assert "--device cuda --rounds 2" in log and "| alibi | fwd | packed |" in log
     assert "gpu-check: FAILED (tests)" in summary and "gpu-check: FAILED (tests)" in log
     assert "FAILED tests/test_gpu.py::test_b" in log  # pytest's summary is shown, its full log kept

@@ -151,13 +151,15 @@ def test_new_tokens_land_in_their_slots_only(paged):
 
 
 @settings(max_examples=25, deadline=None)
-@given(page_size=st.sampled_from([1, 3, 16, 32]), seq_q=st.integers(1, 16), data=st.data())
+@given(page_size=st.sampled_from([1, 3, 16, 32, 64, 80]), seq_q=st.integers(1, 16), data=st.data())
 def test_paged_any_page_size_and_lengths(page_size, seq_q, data):
     """Any page size (FlashAttention needs multiples of 256), random lengths (0 and page ends included) and
-    random block tables, on the native kernels with the key split across 2 threads."""
+    random block tables, on the native kernels with the key split across 2 threads: pages below 64 rows gathered
+    row by row, larger ones read in page-long runs."""
     pages_per_row = max(1, -(-(64 + seq_q) // page_size))
     capacity = pages_per_row * page_size
-    lengths = data.draw(st.lists(st.sampled_from([0, page_size, capacity - seq_q]) | st.integers(0, capacity - seq_q),
+    lengths = data.draw(st.lists(st.sampled_from([0, min(page_size, capacity - seq_q), capacity - seq_q])
+                                 | st.integers(0, capacity - seq_q),
                                  min_size=1, max_size=3))
     q, k_cache, v_cache, k_new, v_new = _inputs(len(lengths), seq_q, (4, 2), capacity, seed=seq_q)
     (k_pages, block_table), (v_pages, _) = (_paged(c, page_size, len(lengths) * pages_per_row + 2, seed=page_size)

@@ -10,7 +10,9 @@
 // - RoPE cos / sin of key positions come from tables kept across calls per frequency vector (cached_cos_sin:
 //   the 4 most recent, at most 2^17 positions and 2 x 16 MiB each), grown as positions grow, instead of being
 //   recomputed for every cached key on every call; positions outside a table are computed per call;
-// - key blocks end at page ends (AttentionParams::key_run), so a block's rows are consecutive in a paged cache too.
+// - paged caches: with pages of kMinRunPage rows or more, key blocks end at page ends, so a block's rows are
+//   consecutive (fp32 rows are then read in place, as in a contiguous cache); smaller pages are gathered row by
+//   row (AttentionParams::key_row) while converted or rotated, their blocks spanning pages.
 #include "cpu_kernels.h"
 #include "gemm.h"
 #include "tiles.h"
@@ -27,6 +29,7 @@ constexpr int64_t kMinKeysPerSplit = 256;        // below this a split costs mor
 constexpr int64_t kCachedPositions = 1 << 17;    // key positions [0, this) read the cached tables ...
 constexpr int64_t kCachedFloats = 1 << 22;       // ... up to this many floats per cos / sin table (16 MiB)
 constexpr size_t kCachedTables = 4;              // frequency vectors kept (most recently used)
+constexpr int64_t kMinRunPage = 64;              // pages this large are read in page-long runs
 
 // The positions a table for `pairs` rotation pairs may cover.
 int64_t cacheable_positions(int64_t pairs) {
@@ -73,22 +76,25 @@ std::shared_ptr<const CosSinTable> cached_cos_sin(const float* inv_freq, int pai
   return table;
 }
 
-// Rows [n0, n0 + rows) of head (tb, h) as a row-major fp32 matrix for a GEMM: the tensor's own memory for fp32
-// rows with unit stride and no rotation, else converted into tile (row stride D) and, when cos / sin are given
-// (row j's pairs at j * pairs), rotated. Returns the pointer and its row stride.
+// Keys [j0, j0 + rows) of batch b, head h, as a row-major fp32 matrix for a GEMM: the tensor's own memory for fp32
+// rows with unit stride and no rotation in consecutive rows (no pages, or within one page), else gathered into
+// tile (row stride D), converted and, when cos / sin are given (row j's pairs at j * pairs), rotated. Returns the
+// pointer and its row stride.
 template <typename scalar_t>
-std::pair<const float*, int64_t> block_rows(const View4<const scalar_t>& src, int64_t tb, int64_t h, int64_t n0,
+std::pair<const float*, int64_t> block_rows(const View4<const scalar_t>& src, int64_t b, int64_t h, int64_t j0,
                                             int64_t rows, int64_t D, const float* cos, const float* sin,
                                             const AttentionParams& p, float* tile) {
-  if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && !cos) {
-    return {reinterpret_cast<const float*>(src.row(tb, h, n0)), src.stride_n};
+  const int64_t tb = p.k_tensor_batch(b);
+  const bool consecutive = !p.paged() || j0 / p.page_size == (j0 + rows - 1) / p.page_size;
+  if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && !cos && consecutive) {
+    return {reinterpret_cast<const float*>(src.row(tb, h, p.key_row(b, j0))), src.stride_n};
   }
   const int64_t pairs = p.rotary_dim / 2;
   if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && cos && !p.interleaved) {
     // fp32 rotate-half rows: rotated while copied, one pass over each row.
     using V = Vec<float>;
     for (int64_t j = 0; j < rows; ++j) {
-      const float* x = reinterpret_cast<const float*>(src.row(tb, h, n0 + j));
+      const float* x = reinterpret_cast<const float*>(src.row(tb, h, p.key_row(b, j0 + j)));
       float* y = tile + j * D;
       const float* c = cos + j * pairs;
       const float* sn = sin + j * pairs;
@@ -106,9 +112,10 @@ std::pair<const float*, int64_t> block_rows(const View4<const scalar_t>& src, in
     }
     return {tile, D};
   }
-  pack_rows(src, tb, h, n0, rows, D, 1.0f, static_cast<const RopeTables<float>*>(nullptr), false, tile);
-  for (int64_t j = 0; cos && j < rows; ++j) {
-    rotate_row<false>(tile + j * D, cos + j * pairs, sin + j * pairs, p.rotary_dim, p.interleaved);
+  for (int64_t j = 0; j < rows; ++j) {
+    pack_rows(src, tb, h, p.key_row(b, j0 + j), 1, D, 1.0f, static_cast<const RopeTables<float>*>(nullptr), false,
+              tile + j * D);
+    if (cos) rotate_row<false>(tile + j * D, cos + j * pairs, sin + j * pairs, p.rotary_dim, p.interleaved);
   }
   return {tile, D};
 }
@@ -168,7 +175,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       const int64_t b = task / (chunks * splits), split = task % splits;
       const auto [i0, nq] = chunk_of(b, task / splits % chunks);
       if (nq <= 0) continue;
-      const int64_t rows = p.heads_q * nq, tb = p.tensor_batch(b), tb_k = p.k_tensor_batch(b);
+      const int64_t rows = p.heads_q * nq, tb = p.tensor_batch(b);
       const int64_t q_pos0 = p.q_offset[b] + i0;  // position of the chunk's first query row
       // Query rows r = h * nq + i (so a kv head's group is one run of G * nq rows), scaled and rotated.
       for (int64_t h = 0; h < p.heads_q; ++h) {
@@ -199,8 +206,9 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       std::fill(acc.begin(), acc.begin() + rows * D, 0.0f);
 
       for (int64_t n0 = split_lo, cols = 0; n0 < split_hi; n0 += cols) {
-        cols = p.key_run(n0, std::min(block_n, split_hi - n0));
-        const int64_t pos0 = p.k_offset[b] + n0, k_row = p.key_row(b, n0);
+        cols = std::min(block_n, split_hi - n0);
+        if (p.paged() && p.page_size >= kMinRunPage) cols = std::min(cols, p.page_size - n0 % p.page_size);
+        const int64_t pos0 = p.k_offset[b] + n0;
         // The block's RoPE tables, read from memory once for every head: the cached rows, or computed here.
         const float* cos_block = nullptr;
         const float* sin_block = nullptr;
@@ -217,8 +225,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         }
         for (int64_t kv_h = 0; kv_h < p.heads_kv; ++kv_h) {
           const int64_t r0 = kv_h * G * nq, group_rows = G * nq;  // this kv head's query rows
-          const auto [k_ptr, ldk] = block_rows(kv, tb_k, kv_h, k_row, cols, D, cos_block, sin_block, p,
-                                               k_tile.data());
+          const auto [k_ptr, ldk] = block_rows(kv, b, kv_h, n0, cols, D, cos_block, sin_block, p, k_tile.data());
           gemm<float>(false, true, group_rows, cols, D, 1.0f, q_tile.data() + r0 * D, D, k_ptr, ldk, 0.0f,
                       scores.data(), cols);
           for (int64_t r = 0; r < group_rows; ++r) {
@@ -235,8 +242,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
             softmax_block_row(p, h, slope, s, cols, row_lo, row_hi, rel0, row_max_v[r0 + r], row_sum[r0 + r],
                               acc.data() + (r0 + r) * D, D);
           }
-          const auto [v_ptr, ldv] = block_rows(vv, tb_k, kv_h, k_row, cols, D, nullptr, nullptr, p,
-                                               v_tile.data());
+          const auto [v_ptr, ldv] = block_rows(vv, b, kv_h, n0, cols, D, nullptr, nullptr, p, v_tile.data());
           gemm<float>(false, false, group_rows, D, cols, 1.0f, scores.data(), cols, v_ptr, ldv, 1.0f,
                       acc.data() + r0 * D, D);
         }

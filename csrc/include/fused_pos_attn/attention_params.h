@@ -107,11 +107,6 @@ struct AttentionParams {
     const int64_t page = bounded(block_table[b * max_pages + j / page_size], seq_k / page_size - 1);
     return page * page_size + j % page_size;
   }
-  // How many of b's keys from j on (at most `most`) sit in consecutive rows: up to the end of j's page.
-  FPA_HOST_DEVICE int64_t key_run(int64_t j, int64_t most) const {
-    const int64_t to_page_end = paged() ? page_size - j % page_size : most;
-    return to_page_end < most ? to_page_end : most;
-  }
   // Rows of the (B, Hq, Nq) LSE (and of every per-query-row workspace): tensor batches x Hq x Nq.
   FPA_HOST_DEVICE int64_t lse_rows() const { return tensor_batches() * heads_q * seq_q; }
   // The batch / sequence whose rows (q_rows) hold query row `row` (along N) of tensor batch tb, or -1 when
