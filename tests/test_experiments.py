@@ -102,6 +102,7 @@ def test_latency_smoke(tmp_path, capsys):
     assert "| scheme | context | fused ms/token | sdpa ms/token | sdpa / fused |" in capsys.readouterr().out
     rows = read_csv(tmp_path / "decode_latency_cpu.csv")
     assert len(rows) == 4 * 2 * 2 and all(float(r["median_ms"]) > 0 for r in rows)
+    assert (tmp_path / "decode_latency_cpu.png").stat().st_size > 0
 
 
 def test_passkey_task_layout():

@@ -95,9 +95,34 @@ def table(results: Sequence[LatencyResult], cfg: LatencyConfig) -> tuple[list[st
     return headers, rows
 
 
+def plot(results: Sequence[LatencyResult], cfg: LatencyConfig, path: Path) -> None:
+    """ms per token against context (log scale), one colour per scheme: fused solid, SDPA dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for index, scheme in enumerate(cfg.schemes):
+        for attention, style in (("fused", "-"), ("sdpa", "--")):
+            points = sorted((r.context, r.median_ms) for r in results
+                            if r.scheme == scheme and r.attention == attention)
+            if points:
+                ax.plot(*zip(*points), style, marker="o", markersize=3, color=f"C{index}",
+                        label=f"{scheme}, {'fused_attention' if attention == 'fused' else 'SDPA'}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (cached tokens)")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title(f"Decode latency per token, {cfg.num_layers} layers, d {cfg.d_model}, {cfg.device}", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(results: Sequence[LatencyResult], cfg: LatencyConfig, out_dir: Path, command: str,
-           wall_s: float) -> tuple[str, Path]:
-    """Write <out_dir>/decode_latency_<device>.{md,csv}; return (markdown, md path)."""
+           wall_s: float, write_plot: bool = True) -> tuple[str, Path]:
+    """Write <out_dir>/decode_latency_<device>.{md,csv,png}; return (markdown, md path)."""
     headers, rows = table(results, cfg)
     dtype = "fp32"
     extra = [f"model: random init, d_model={cfg.d_model}, layers={cfg.num_layers}, heads={cfg.num_heads} "
@@ -116,4 +141,6 @@ def report(results: Sequence[LatencyResult], cfg: LatencyConfig, out_dir: Path, 
     write_csv(out_dir / f"decode_latency_{suffix(cfg.device)}.csv",
               ["scheme", "attention", "context", "median_ms", "min_ms"],
               [[r.scheme, r.attention, r.context, f"{r.median_ms:.4f}", f"{r.min_ms:.4f}"] for r in results])
+    if write_plot:
+        plot(results, cfg, out_dir / f"decode_latency_{suffix(cfg.device)}.png")
     return md, path
