@@ -93,11 +93,10 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, QOffset, KOffset, Slopes, InvFreq, RelBi
     over batch * num_heads / GROUP. SPLIT divides each program's key blocks into num_splits runs, one per program
     along axis 2: Out (B, num_splits * Hq, Nq, D) fp32 and Lse (B, num_splits * Hq, Nq) receive split s of head h
     at head s * Hq + h, each normalized by its own sum, for _attn_split_merge_kernel to combine."""
-    heads_per_program: tl.constexpr = GROUP
     rows_per_program: tl.constexpr = BLOCK_M // GROUP  # query rows of each head in the tile
     batch_head = tl.program_id(1)
-    b = (batch_head // (num_heads // heads_per_program)).to(tl.int64)
-    h = (batch_head % (num_heads // heads_per_program)).to(tl.int64) * heads_per_program  # the program's first head
+    b = (batch_head // (num_heads // GROUP)).to(tl.int64)
+    h = (batch_head % (num_heads // GROUP)).to(tl.int64) * GROUP  # the program's first head
     kv_h = h // num_kv_groups
     start_m = tl.program_id(0) * rows_per_program  # the program's first query row
     tb, q_start, len_q = sequence_rows(CuSeqlensQ, b, seq_len_q, max_seqlen_q, VARLEN, False)
