@@ -118,15 +118,26 @@ def test_kvcache_half_precision_cpu(dtype):
         _check(q, k_pages, v_pages, [30, 61], pos, "cpu", block_table=block_table, k_new=k_new, v_new=v_new)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("backend_name", ["cpu", "triton"])
-def test_paged_chunked_prefill(backend_name):
-    """Nq = 40 new tokens into a paged cache (more rows than the CPU decode path takes at once: query chunks)."""
+def test_chunked_prefill(backend_name, paged):
+    """Nq = 40 new tokens (more rows than the decode paths take: the CPU's paged call in query chunks, the
+    contiguous one through the general forward with per-row key counts; Triton's prefill-shaped grid)."""
     if backend_name == "triton":
         pytest.importorskip("triton")
     q, k_cache, v_cache, k_new, v_new = _inputs(2, 40, (4, 2), 96, device=device_of(backend_name), seed=4)
-    (k_pages, block_table), (v_pages, _) = _paged(k_cache, 16, 14), _paged(v_cache, 16, 14)
-    _check(q, k_pages, v_pages, [0, 50], RoPE(theta=1e4), backend_name, block_table=block_table, k_new=k_new,
+    block_table = None
+    if paged:
+        (k_cache, block_table), (v_cache, _) = _paged(k_cache, 16, 14), _paged(v_cache, 16, 14)
+    _check(q, k_cache, v_cache, [0, 50], RoPE(theta=1e4), backend_name, block_table=block_table, k_new=k_new,
            v_new=v_new)
+
+
+def test_float64_contiguous_cache_cpu():
+    """fp64 (the CPU's general forward, which reads per-row key counts) on a contiguous cache, Nq 1 and 3."""
+    for seq_q in (1, 3):
+        q, k_cache, v_cache, k_new, v_new = _inputs(2, seq_q, (4, 2), 40, dtype=torch.float64, seed=9)
+        _check(q, k_cache, v_cache, [0, 30], ALiBi(), "cpu", k_new=k_new, v_new=v_new)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
