@@ -245,3 +245,21 @@ def test_bad_cache_layouts():
     with pytest.raises(TypeError, match=r"paged caches take float16, bfloat16 or float32"):
         fused_attention_with_kvcache(q.double(), pages.double().contiguous(), pages.double().contiguous(), 0,
                                      block_table=torch.zeros(2, 1, dtype=torch.int32), backend="cpu")
+
+
+def test_under_torch_compile():
+    """A compiled decode step (graph breaks where cache_seqlens / block_table are read back for the checks) gives
+    the eager step's output and leaves the cache as the eager step does."""
+    q, k_cache, v_cache, k_new, v_new = _inputs(2, 1, (4, 2), 32, seed=10)
+    (k_pages, block_table), (v_pages, _) = _paged(k_cache, 8, 9), _paged(v_cache, 8, 9)
+    lengths = torch.tensor([3, 20])
+
+    def step(q, k_pages, v_pages, k_new, v_new):
+        return fused_attention_with_kvcache(q, k_pages, v_pages, lengths, "rope", block_table=block_table,
+                                            k_new=k_new, v_new=v_new, backend="cpu")
+
+    k_eager, v_eager, k_compiled, v_compiled = k_pages.clone(), v_pages.clone(), k_pages.clone(), v_pages.clone()
+    eager = step(q, k_eager, v_eager, k_new, v_new)
+    compiled = torch.compile(step)(q, k_compiled, v_compiled, k_new, v_new)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(k_compiled, k_eager) and torch.equal(v_compiled, v_eager)
