@@ -69,7 +69,8 @@ def providers(pos: str, keys: int, q_rows: int, kv_heads: int, device: str, dtyp
     pages_k, pages_v = (torch.zeros(num_pages * PAGE_SIZE, kv_heads, HEAD_DIM, device=device, dtype=dtype)
                         for _ in range(2))
     pages_k[:keys], pages_v[:keys] = k[0].transpose(0, 1), v[0].transpose(0, 1)
-    pages_k, pages_v = (t.view(num_pages, PAGE_SIZE, kv_heads, HEAD_DIM)[torch.argsort(order)] for t in (pages_k, pages_v))
+    pages_k, pages_v = (t.view(num_pages, PAGE_SIZE, kv_heads, HEAD_DIM)[torch.argsort(order)]
+                        for t in (pages_k, pages_v))
     block_table = order[None].to(device=device, dtype=torch.int32)
     q_rows_first = q.transpose(1, 2)  # (1, Nq, Hq, D)
 
@@ -119,8 +120,8 @@ def kv_tb_s(row: dict, dtype: torch.dtype) -> float:
 
 
 def markdown_table(rows: Sequence[dict], dtype: torch.dtype) -> str:
-    lines = ["| pos | Hq / Hkv | Nq | Nk | fused ms | paged ms | sdpa ms | fused / sdpa | paged / sdpa | fused kv TB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| pos | Hq / Hkv | Nq | Nk | fused ms | paged ms | sdpa ms | fused / sdpa | paged / sdpa "
+             "| fused kv TB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['pos']} | {HEADS} / {r['kv_heads']} | {r['q_rows']} | {r['keys']} | {r['fused']:.3f} | "
               f"{r['paged']:.3f} | {r['sdpa']:.3f} | {r['fused'] / r['sdpa']:.2f} | {r['paged'] / r['sdpa']:.2f} | "
               f"{kv_tb_s(r, dtype):.3f} |" for r in rows]

@@ -18,8 +18,9 @@ from .attention import attend, check_bool, check_heads, check_scale, check_tenso
 from .positions import PositionArg, as_position_scheme
 from .spec import AttentionSpec
 
-_LAYOUTS = dict(q="(B, Nq, Hq, D)", k_cache="(B, max_len, Hkv, D) or pages (num_pages, page_size, Hkv, D)",
-                v_cache="(B, max_len, Hkv, D) or pages (num_pages, page_size, Hkv, D)", k_new="(B, Nq, Hkv, D)", v_new="(B, Nq, Hkv, D)")
+_CACHE_LAYOUT = "(B, max_len, Hkv, D) or pages (num_pages, page_size, Hkv, D)"
+_LAYOUTS = dict(q="(B, Nq, Hq, D)", k_cache=_CACHE_LAYOUT, v_cache=_CACHE_LAYOUT, k_new="(B, Nq, Hkv, D)",
+                v_new="(B, Nq, Hkv, D)")
 
 
 def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -90,25 +90,12 @@ std::pair<const float*, int64_t> block_rows(const View4<const scalar_t>& src, in
     return {reinterpret_cast<const float*>(src.row(tb, h, p.key_row(b, j0))), src.stride_n};
   }
   const int64_t pairs = p.rotary_dim / 2;
-  if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && cos && !p.interleaved) {
-    // fp32 rotate-half rows: rotated while copied, one pass over each row.
-    using V = Vec<float>;
+  if (std::is_same_v<scalar_t, float> && src.stride_d == 1 && cos) {  // fp32 rows rotated while copied: one pass
     for (int64_t j = 0; j < rows; ++j) {
       const float* x = reinterpret_cast<const float*>(src.row(tb, h, p.key_row(b, j0 + j)));
       float* y = tile + j * D;
-      const float* c = cos + j * pairs;
-      const float* sn = sin + j * pairs;
-      int64_t i = 0;
-      for (; i + V::size() <= pairs; i += V::size()) {
-        const V a = V::loadu(x + i), b = V::loadu(x + i + pairs), vc = V::loadu(c + i), vs = V::loadu(sn + i);
-        (a * vc - b * vs).store(y + i);
-        (b * vc + a * vs).store(y + i + pairs);
-      }
-      for (; i < pairs; ++i) {
-        y[i] = x[i] * c[i] - x[i + pairs] * sn[i];
-        y[i + pairs] = x[i + pairs] * c[i] + x[i] * sn[i];
-      }
-      std::copy(x + p.rotary_dim, x + D, y + p.rotary_dim);
+      rotate_row_into<false>(x, y, cos + j * pairs, sin + j * pairs, p.rotary_dim, p.interleaved);
+      std::copy(x + p.rotary_dim, x + D, y + p.rotary_dim);  // the columns past the rotary ones
     }
     return {tile, D};
   }
@@ -155,13 +142,8 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   // and sum.
   const auto write_row = [&](int64_t b, int64_t i0, int64_t nq, int64_t r, const float* acc, float row_max_v,
                              float row_sum) {
-    const int64_t h = r / nq, row = p.q_start(b) + i0 + r % nq, tb = p.tensor_batch(b);
-    const bool empty = row_sum == 0.0f;  // no visible key: out 0, lse -inf
-    const float inv = empty ? 0.0f : 1.0f / row_sum;
-    scalar_t* o = ov.row(tb, h, row);
-    for (int64_t d = 0; d < D; ++d) o[d * ov.stride_d] = static_cast<scalar_t>(acc[d] * inv);
-    lse_data[(tb * p.heads_q + h) * p.seq_q + row] =
-        empty ? -std::numeric_limits<float>::infinity() : row_max_v + std::log(row_sum);
+    write_output_row(ov, lse_data, p, p.tensor_batch(b), r / nq, p.q_start(b) + i0 + r % nq, acc, row_max_v,
+                     row_sum);
   };
 
   parallel_tasks(num_tasks, {}, [&](const auto& next_task) {

@@ -81,12 +81,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
 
       for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = row_sum[r] == acc_t(0);  // no visible key: out 0, lse -inf
-        const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum[r];
-        scalar_t* o = ov.row(tb, h, row0 + r);
-        for (int64_t d = 0; d < D; ++d) o[d * ov.stride_d] = static_cast<scalar_t>(acc[r * D + d] * inv);
-        lse_data[(tb * p.heads_q + h) * p.seq_q + row0 + r] =
-            empty ? -std::numeric_limits<acc_t>::infinity() : row_max_v[r] + std::log(row_sum[r]);
+        write_output_row(ov, lse_data, p, tb, h, row0 + r, acc.data() + r * D, row_max_v[r], row_sum[r]);
       }
     }
   });

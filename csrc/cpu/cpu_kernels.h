@@ -18,8 +18,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const AttentionParams& params);
 
 // The decode forward (attention_decode.cpp) serves calls with at most kDecodeMaxRows query rows per batch /
-// sequence, and every paged call (not fp64): query heads of a GQA group share each key load, keys split across threads when
-// B x Hkv is below the thread count, RoPE key tables cached across calls. attention_forward dispatches to it.
+// sequence, and every paged call (not fp64): query heads of a GQA group share each key load, keys split across
+// threads when B x Hkv is below the thread count, RoPE key tables cached across calls. attention_forward
+// dispatches to it.
 constexpr int64_t kDecodeMaxRows = 16;
 bool uses_decode_path(const at::Tensor& q, const AttentionParams& params);
 void attention_decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,

@@ -133,13 +133,13 @@ bool make_qk_rope_tables(const AttentionParams& p, RopeTables<acc_t>& q, RopeTab
   return shared;
 }
 
-// Rotate the first rotary_dim entries of row x in place (cos, sin: rotary_dim / 2 per-pair values);
-// TRANSPOSED applies the inverse rotation (angle -> -angle), which maps gradients w.r.t. rotated rows
-// back to the original rows. Pairs are (d, d + r/2) (rotate-half) or (2p, 2p + 1) (interleaved), as
-// position.h's rope_column defines them: x'[first] = x[first] c - x[second] s, x'[second] = x[second] c +
-// x[first] s.
+// Rotate the first rotary_dim entries of row x into y (which may be x: in place); cos, sin: rotary_dim / 2
+// per-pair values. TRANSPOSED applies the inverse rotation (angle -> -angle), which maps gradients w.r.t.
+// rotated rows back to the original rows. Pairs are (d, d + r/2) (rotate-half) or (2p, 2p + 1) (interleaved),
+// as position.h's rope_column defines them: y[first] = x[first] c - x[second] s, y[second] = x[second] c +
+// x[first] s. Entries past rotary_dim are not touched.
 template <bool TRANSPOSED, typename acc_t>
-void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bool interleaved) {
+void rotate_row_into(const acc_t* x, acc_t* y, const acc_t* cos, const acc_t* sin, int rotary_dim, bool interleaved) {
   const int pairs = rotary_dim / 2;
   const int stride = interleaved ? 2 : 1;            // distance between the first members of two pairs
   const int partner = interleaved ? 1 : pairs;       // offset of a pair's second member from its first
@@ -149,17 +149,23 @@ void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bo
     for (; pair + V::size() <= pairs; pair += V::size()) {
       const V a = V::loadu(x + pair), b = V::loadu(x + pair + pairs), c = V::loadu(cos + pair);
       const V s = TRANSPOSED ? V(acc_t(0)) - V::loadu(sin + pair) : V::loadu(sin + pair);
-      (a * c - b * s).store(x + pair);
-      (b * c + a * s).store(x + pair + pairs);
+      (a * c - b * s).store(y + pair);
+      (b * c + a * s).store(y + pair + pairs);
     }
   }
   for (; pair < pairs; ++pair) {
-    acc_t* first = x + pair * stride;
-    const acc_t a = first[0], b = first[partner];
+    const int first = pair * stride;
+    const acc_t a = x[first], b = x[first + partner];
     const acc_t s = TRANSPOSED ? -sin[pair] : sin[pair];
-    first[0] = a * cos[pair] - b * s;
-    first[partner] = b * cos[pair] + a * s;
+    y[first] = a * cos[pair] - b * s;
+    y[first + partner] = b * cos[pair] + a * s;
   }
+}
+
+// rotate_row_into in place.
+template <bool TRANSPOSED, typename acc_t>
+void rotate_row(acc_t* x, const acc_t* cos, const acc_t* sin, int rotary_dim, bool interleaved) {
+  rotate_row_into<TRANSPOSED>(x, x, cos, sin, rotary_dim, interleaved);
 }
 
 // Copy rows [n0, n0 + rows) of head (b, h) into a contiguous acc_t tile (row stride D), times mult,
@@ -190,6 +196,20 @@ std::pair<const acc_t*, int64_t> gemm_rows(const View4<const scalar_t>& src, boo
   if (in_place) return {reinterpret_cast<const acc_t*>(src.row(b, h, n0)), src.stride_n};
   pack_rows(src, b, h, n0, rows, head_dim, acc_t(1), rope, interleaved, tile);
   return {tile, head_dim};
+}
+
+// Output row `row` of head (tb, h) and its LSE (in lse, the (B, Hq, Nq) LSE's data) from an unnormalized
+// accumulator acc (D values), the row's score max and sum of exponentials: out = acc / sum, lse = max + log(sum);
+// a row with no visible key (sum 0) gets out 0 and lse -inf.
+template <typename scalar_t, typename acc_t>
+void write_output_row(const View4<scalar_t>& out, acc_t* lse, const AttentionParams& p, int64_t tb, int64_t h,
+                      int64_t row, const acc_t* acc, acc_t row_max, acc_t row_sum) {
+  const bool empty = row_sum == acc_t(0);
+  const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum;
+  scalar_t* o = out.row(tb, h, row);
+  for (int64_t d = 0; d < p.head_dim; ++d) o[d * out.stride_d] = static_cast<scalar_t>(acc[d] * inv);
+  lse[(tb * p.heads_q + h) * p.seq_q + row] =
+      empty ? -std::numeric_limits<acc_t>::infinity() : row_max + std::log(row_sum);
 }
 
 // Write acc_t rows (row stride D) to rows [n0, n0 + rows) of head (b, h), times mult, rotated back
