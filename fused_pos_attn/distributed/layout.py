@@ -82,20 +82,22 @@ def _chunk_order(layout: str, world: int) -> list[int]:
     return [chunk for rank in range(world) for chunk in rank_chunk_ids(layout, world, rank)]
 
 
+def _permute_chunks(x: torch.Tensor, sources: list[int]) -> torch.Tensor:
+    """x's len(sources) equal chunks along dim 0, rearranged: output chunk i is input chunk sources[i] (x itself
+    when that is the identity)."""
+    if sources == list(range(len(sources))):
+        return x
+    pieces = x.chunk(len(sources))
+    return torch.cat([pieces[source] for source in sources])
+
+
 def rank_major_to_global(x: torch.Tensor, layout: str, world: int) -> torch.Tensor:
     """x (P * shard_len, ...): the shards concatenated in rank order along dim 0 -> the full sequence in
     global order along dim 0."""
     order = _chunk_order(layout, world)
-    if order == sorted(order):
-        return x
-    pieces = x.chunk(len(order))
-    return torch.cat([pieces[order.index(chunk)] for chunk in range(len(order))])
+    return _permute_chunks(x, [order.index(chunk) for chunk in range(len(order))])
 
 
 def global_to_rank_major(x: torch.Tensor, layout: str, world: int) -> torch.Tensor:
     """Inverse of rank_major_to_global."""
-    order = _chunk_order(layout, world)
-    if order == sorted(order):
-        return x
-    pieces = x.chunk(len(order))
-    return torch.cat([pieces[chunk] for chunk in order])
+    return _permute_chunks(x, _chunk_order(layout, world))
