@@ -286,7 +286,7 @@ torch.utils._python_dispatch._disable_current_modes torch.utils._pytree torch.ut
 torch.utils.cpp_extension.BuildExtension torch.utils.cpp_extension.BuildExtension.with_options
 torch.utils.cpp_extension.CUDAExtension torch.utils.cpp_extension.CUDA_HOME torch.utils.cpp_extension.CppExtension
 torch.utils.cpp_extension.include_paths torch.version torch.version.cuda torch.view_as_complex torch.view_as_real
-torch.where torch.zeros torch.zeros_like torch.aminmax torch.randperm
+torch.where torch.zeros torch.zeros_like torch.aminmax torch.randperm torch.argsort
 torch.SymInt torch._dynamo.explain torch._dynamo.mark_dynamic torch._dynamo.reset torch._dynamo.testing
 torch._dynamo.testing.CompileCounterWithBackend torch.compiler torch.compiler.is_compiling torch.library
 torch.library.custom_op torch.library.opcheck torch.library.register_fake torch.searchsorted torch.long torch.pow
@@ -308,7 +308,7 @@ torch.distributed.reduce_scatter_tensor torch.is_grad_enabled
 # torch <= 2.0 except itemsize (2.1).
 TENSOR_API_IN_2_11 = frozenset("""
 abs abs_ absolute add add_ addcmul_ addmm all allclose amax amin any argmax argmin backward bfloat16 bitwise_and
-broadcast_to diff ravel uniform_ index_copy put aminmax as_strided index_put_
+broadcast_to diff ravel uniform_ index_copy put aminmax as_strided index_put_ argsort
 bitwise_or bmm bool byte ceil char chunk clamp clamp_ clamp_min clone contiguous copy_ cos cpu cuda cummax cumprod
 cumsum data data_ptr detach device diag diagonal dim div div_ dot double dtype element_size eq equal exp exp2 exp_
 expand expand_as fill_ flatten flip float float_power floor fmod frac gather ge grad grad_fn gt half imag index
