@@ -8,12 +8,14 @@ Providers, per scheme (B = 1, Hq = 8, D = 64, fp32 on CPU / bf16 on CUDA; MHA an
          kernel at its position (q_offset = Nk - Nq), the ALiBi bias computed in the kernel.
   paged  fused_attention_with_kvcache over the same keys in a paged cache (pages of 16 rows, shuffled), the
          new rows already written (cache_seqlens = Nk - Nq).
+  cuda   (CUDA devices with the CUDA C++ kernels built; else "-") fused's call on backend="cuda", the CUDA C++
+         split-KV forward (csrc/cuda/launch.h decode_plan) instead of the Triton one.
   sdpa   what models do without the kernel: RoPE keys cached already rotated (only the new query rotated per
          step), the ALiBi bias row (1, H, Nq, Nk) built per step; then F.scaled_dot_product_attention
          (enable_gqa for GQA). For pos none both are plain attention.
 Timing: the providers interleaved round robin over --rounds rounds; each measurement the minimum of --calls calls
 (decode steps are short: the minimum is the uncontended time); the minimum over rounds is reported.
-kv TB/s: the K and V bytes a fused call reads (2 x Hkv x Nk x D x element size) over its time (H200: 4.8 TB/s peak).
+kv TB/s: the K and V bytes a fused (or cuda) call reads (2 x Hkv x Nk x D x element size) over its time (H200: 4.8 TB/s peak).
 Writes bench/results/decode_<device>_<model>.{md,csv}.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_pos_attn import fused_attention, fused_attention_with_kvcache
+from fused_pos_attn.backends import native
 from fused_pos_attn.benchmarking import results_stem, software_versions, write_results
 from fused_pos_attn.positions import ALiBi, RoPE
 from fused_pos_attn.reference import apply_rope, position_bias
@@ -36,7 +39,7 @@ from fused_pos_attn.reference import apply_rope, position_bias
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEMES = {"none": lambda: "none", "alibi": ALiBi, "rope": RoPE}
 CSV_FIELDS = ("device", "pos", "kv_heads", "q_rows", "keys", "dtype", "fused_ms", "paged_ms", "sdpa_ms",
-              "fused_over_sdpa", "paged_over_sdpa", "fused_kv_tb_s")
+              "fused_over_sdpa", "paged_over_sdpa", "fused_kv_tb_s", "cuda_ms", "cuda_kv_tb_s")
 HEADS, HEAD_DIM, PAGE_SIZE = 8, 64, 16
 
 
@@ -77,8 +80,11 @@ def providers(pos: str, keys: int, q_rows: int, kv_heads: int, device: str, dtyp
     def paged():
         return fused_attention_with_kvcache(q_rows_first, pages_k, pages_v, offset, scheme, block_table=block_table)
 
-    return {"fused": lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset), "paged": paged,
-            "sdpa": sdpa}
+    steps = {"fused": lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset), "paged": paged,
+             "sdpa": sdpa}
+    if device == "cuda" and native.built_with_cuda():
+        steps["cuda"] = lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset, backend="cuda")
+    return steps
 
 
 def min_ms(step, device: str, calls: int) -> float:
@@ -107,24 +113,29 @@ def run(args: argparse.Namespace) -> list[dict]:
                     for _ in range(args.rounds):
                         for name, step in steps.items():
                             best[name] = min(best[name], min_ms(step, args.device, args.calls))
-                    rows.append(dict(pos=pos, kv_heads=kv_heads, q_rows=q_rows, keys=keys, **best))
+                    rows.append(dict(pos=pos, kv_heads=kv_heads, q_rows=q_rows, keys=keys, cuda=math.nan, **best))
                     print(f"{pos} Hkv={kv_heads} Nq={q_rows} Nk={keys}: fused {best['fused']:.3f} ms, paged "
                           f"{best['paged']:.3f} ms, sdpa {best['sdpa']:.3f} ms", file=sys.stderr)
     return rows
 
 
-def kv_tb_s(row: dict, dtype: torch.dtype) -> float:
-    """TB/s of K and V read by the fused call: 2 x Hkv x Nk x D elements over its time."""
+def kv_tb_s(row: dict, dtype: torch.dtype, provider: str = "fused") -> float:
+    """TB/s of K and V read by a provider's call: 2 x Hkv x Nk x D elements over its time (nan: not run)."""
     kv_bytes = 2 * row["kv_heads"] * row["keys"] * HEAD_DIM * torch.empty(0, dtype=dtype).element_size()
-    return kv_bytes / (row["fused"] * 1e-3) / 1e12
+    return kv_bytes / (row[provider] * 1e-3) / 1e12
+
+
+def _cell(x: float, digits: int) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
 def markdown_table(rows: Sequence[dict], dtype: torch.dtype) -> str:
     lines = ["| pos | Hq / Hkv | Nq | Nk | fused ms | paged ms | sdpa ms | fused / sdpa | paged / sdpa "
-             "| fused kv TB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| fused kv TB/s | cuda ms | cuda kv TB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['pos']} | {HEADS} / {r['kv_heads']} | {r['q_rows']} | {r['keys']} | {r['fused']:.3f} | "
               f"{r['paged']:.3f} | {r['sdpa']:.3f} | {r['fused'] / r['sdpa']:.2f} | {r['paged'] / r['sdpa']:.2f} | "
-              f"{kv_tb_s(r, dtype):.3f} |" for r in rows]
+              f"{kv_tb_s(r, dtype):.3f} | {_cell(r['cuda'], 3)} | {_cell(kv_tb_s(r, dtype, 'cuda'), 3)} |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     write_results(stem, f"KV-cache decode attention: {env['device']}", env, command, table, CSV_FIELDS,
                   [[env["device"], r["pos"], r["kv_heads"], r["q_rows"], r["keys"], args.dtype, f"{r['fused']:.4f}",
                     f"{r['paged']:.4f}", f"{r['sdpa']:.4f}", f"{r['fused'] / r['sdpa']:.3f}",
-                    f"{r['paged'] / r['sdpa']:.3f}", f"{kv_tb_s(r, dtype):.4f}"] for r in rows])
+                    f"{r['paged'] / r['sdpa']:.3f}", f"{kv_tb_s(r, dtype):.4f}", _cell(r["cuda"], 4),
+                    _cell(kv_tb_s(r, dtype, "cuda"), 4)] for r in rows])
     print(f"wrote {stem}.md, .csv", file=sys.stderr)
 
 

@@ -222,17 +222,25 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
                                                 const at::Tensor& v FPA_CALL_PARAMS) {
   check_same_cuda_device(q, {{"k", &k}, {"v", &v}, {"q_offset", &q_offset}, {"k_offset", &k_offset},
                              {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}, {"slopes", &slopes},
-                             {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}});
+                             {"inv_freq", &inv_freq}, {"rel_bias", &rel_bias}, {"seqused_k", &seqused_k},
+                             {"block_table", &block_table}});
   const gpu::DType dtype = cuda_dtype(q);
   const AttentionParams p = make_params(q, k, v, FPA_OP_CALL_ARGS);
-  TORCH_CHECK(!p.has_seqused_k && !p.paged(),
-              "the CUDA C++ kernels do not take seqused_k or paged caches (use the Triton backend)");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = output_like(q);
   at::Tensor lse = at::empty({q.size(0), p.heads_q, p.seq_q}, q.options().dtype(at::kFloat));
+  // Decode shapes: split-KV over the device's SMs, with the splits' partial results in fp32 scratch.
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const gpu::DecodePlan plan = gpu::decode_plan(p, sm_count);
+  const int64_t split_rows = gpu::split_rows(p, plan);
+  at::Tensor out_partial = at::empty({split_rows, p.head_dim}, lse.options());
+  at::Tensor lse_partial = at::empty({split_rows}, lse.options());
+  const gpu::ForwardWorkspace ws{split_rows ? out_partial.data_ptr<float>() : nullptr,
+                                 split_rows ? lse_partial.data_ptr<float>() : nullptr};
   run_cuda([&] {
     return gpu::attention_forward(p, dtype, tensor4(q, "q"), tensor4(k, "k"), tensor4(v, "v"), tensor4(out, "out"),
-                                  lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+                                  lse.data_ptr<float>(), plan, ws, c10::cuda::getCurrentCUDAStream().stream());
   });
   return {out, lse};
 }

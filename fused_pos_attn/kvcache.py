@@ -45,7 +45,7 @@ def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             those rows already.
         causal: key j visible to query i iff j <= cache_seqlens[b] + i. window: left sliding window w > 0.
         scale: multiplies q.k (default 1/sqrt(D)). return_lse: also return the (B, Hq, Nq) fp32 log-sum-exp.
-        backend: "auto" | "triton" | "cpu" | "reference" ("cuda", the CUDA C++ kernels, has no KV-cache path).
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference" (as fused_attention's).
 
     Positions are cache indices: query i of row b sits at cache_seqlens[b] + i, cache row j at j, and row b
     attends its first cache_seqlens[b] + Nq cache rows. (FlashAttention without new keys reads cache_seqlens as
@@ -73,7 +73,7 @@ def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     new_kv = _check_new_kv(k_new, v_new, (batch, seq_q, num_kv_heads, head_dim), q)
     lengths, longest = _check_seqlens(cache_seqlens, batch, seq_q, capacity, q.device)
     chosen = backends.select(backend, q)
-    _check_backend(chosen, q, paged)
+    _check_paged_dtype(chosen, q, paged)
     k4, v4 = (_kernel_view(t, paged) for t in (k_cache, v_cache))
 
     scheme = as_position_scheme(pos)
@@ -164,11 +164,8 @@ def _check_seqlens(cache_seqlens, batch: int, seq_q: int, capacity: int,
     return lengths, highest
 
 
-def _check_backend(chosen, q: torch.Tensor, paged: bool) -> None:
-    """The KV-cache path runs on the Triton and CPU kernels and the reference."""
-    if chosen is not None and chosen.NAME == "cuda":
-        raise ValueError("fused_attention_with_kvcache has no CUDA C++ kernel path: use backend='triton' (or 'auto' "
-                         "with Triton installed) for CUDA tensors")
+def _check_paged_dtype(chosen, q: torch.Tensor, paged: bool) -> None:
+    """Paged caches in fp64 run on the reference only."""
     if chosen is not None and paged and q.dtype == torch.float64:
         raise TypeError("paged caches take float16, bfloat16 or float32 on the kernel backends, got float64 (use "
                         "backend='reference')")

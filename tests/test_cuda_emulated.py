@@ -38,6 +38,8 @@ from test_attention_backends import Case, RelativeTable, check_case
 from test_cuda_compile import cuda_include_dir
 from test_native_lse_grad import check_lse_case
 from test_native_varlen import check_against_reference, check_garbage_cu_seqlens, make_packed
+from test_kvcache import _check as _kv_check, _inputs as _kv_inputs, _paged
+from test_native_decode import SCHEMES as KV_SCHEMES
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -128,10 +130,15 @@ def _emu_args(call_args: dict):
 
 class EmulatedOps:
     """attention_forward / attention_backward on CPU tensors through the harness, as ops.cpp's CUDA bindings
-    would run them (same op arguments, same output allocation): a stand-in for torch.ops.fused_pos_attn."""
+    would run them (same op arguments, same output allocation): a stand-in for torch.ops.fused_pos_attn.
+    Decode plans as on a device of sm_count SMs, splits keeping at least min_split_keys keys (launch.h's
+    kMinSplitKeys is 256: smaller here so that short test caches split); last_plan: the last forward's
+    (group, splits)."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, sm_count: int = 4, min_split_keys: int = 64):
         self.lib = lib
+        self.sm_count, self.min_split_keys = sm_count, min_split_keys
+        self.last_plan = None
 
     @staticmethod
     def _shape(q, k):
@@ -142,8 +149,11 @@ class EmulatedOps:
     def attention_forward(self, q, k, v, **call_args):
         out = _output_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32)
+        plan = (ctypes.c_int * 2)()
         self.lib.emu_forward(*self._shape(q, k), _emu_args(call_args), _ptr(q), _strides(q), _ptr(k), _strides(k),
-                             _ptr(v), _strides(v), _ptr(out), _strides(out), _ptr(lse))
+                             _ptr(v), _strides(v), _ptr(out), _strides(out), _ptr(lse), ctypes.c_int(self.sm_count),
+                             ctypes.c_int64(self.min_split_keys), plan)
+        self.last_plan = tuple(plan)
         return out, lse
 
     def attention_backward(self, grad_out, grad_lse, q, k, v, out, lse, rel_grad, **call_args):
@@ -328,3 +338,80 @@ def test_emulated_varlen_garbage_cu_seqlens_stay_in_bounds(max_seqlen, emulated_
     """Garbage cu_seqlens / max_seqlen (test_native_varlen.check_garbage_cu_seqlens): rows clamped into the tensors,
     grids sized by min(max_seqlen, total), nothing read or written outside the tensors, dq 0 on unowned rows."""
     check_garbage_cu_seqlens(cuda_backend, torch.float16, 64, max_seqlen, dq_zero_outside=True)
+
+
+# Split-KV decoding (launch.h decode_plan; the emulation plans for a 4-SM device with 64-key splits): `group` query
+# heads of one kv head share each block's tile rows (row r: query r // group of head r % group), keys split over
+# blocks, partial (out, LSE) merged by attention_split_merge_kernel. Forward and backward (from the merged out / LSE)
+# against the reference; each case asserts the plan it meant to exercise. Plan: (group, splits).
+DECODE_CASES = {
+    # One query row, GQA groups of 4, four splits of 64+ keys; ALiBi slopes per row's head.
+    "alibi_group4_split4_fp16_d64": (Case(batch=1, heads_q=8, heads_kv=2, seq_q=1, seq_k=300, head_dim=64,
+                                          pos="alibi", kwargs=dict(causal=True)), torch.float16, (4, 4)),
+    # Five query rows x 3 heads (15 tile rows), partial interleaved RoPE rotating each row at its query's position.
+    "rope_partial_rows5_group3_bf16_d128": (Case(batch=1, heads_q=6, heads_kv=2, seq_q=5, seq_k=200, head_dim=128,
+                                                 pos=RoPE(rotary_dim=24, interleaved=True),
+                                                 kwargs=dict(causal=True, q_offset=195)), torch.bfloat16, (3, 3)),
+    # Relative table per row's head; a window that leaves whole splits without a key and (batch 1) starts off a
+    # block boundary, so a split's last key block reaches into the next split's keys (each split counts its own);
+    # rows that see no key at all (batch 0, q_offset -2, causal): LSE -inf and out 0 after the merge.
+    "relative_window_empty_rows_mqa_fp16_d64": (Case(batch=2, heads_q=4, heads_kv=1, seq_q=3, seq_k=260,
+                                                     head_dim=64, pos=RelativeTable(num_buckets=8, max_distance=20),
+                                                     kwargs=dict(causal=True, window=70,
+                                                                 q_offset=torch.tensor([-2, 150]))),
+                                                torch.float16, (4, 4)),
+    # 16 query rows x group 3 = 48 rows (a group of 6 would not fit 64); the tile's last 16 rows idle. Bidirectional.
+    "none_rows16_group3_fp16_d64": (Case(batch=1, heads_q=6, heads_kv=1, seq_q=16, seq_k=150, head_dim=64,
+                                         layout="bnhd"), torch.float16, (3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_emulated_split_kv_decode_matches_reference(name, emulated_cuda_backend, emulated_ops):
+    case, dtype, plan = DECODE_CASES[name]
+    check_case(case, dtype, "cuda")
+    assert emulated_ops.last_plan == plan
+
+
+def test_emulated_decode_plan(emulated_ops):
+    """launch.h decode_plan through the harness: no plan past 16 query rows; the largest GQA group whose rows fit
+    64; splits for 2 blocks per SM, each keeping min_split_keys keys; none when the grid is already full."""
+    offsets = torch.zeros(2, dtype=torch.int64)
+    spec = AttentionSpec(causal=True, scale=0.125, window=None, q_offset=offsets, k_offset=offsets,
+                         position=ResolvedPosition("none"))
+
+    def plan(heads, seq_q, seq_k, sm_count=4):
+        emulated_ops.sm_count = sm_count
+        try:
+            q = torch.zeros(2, heads[0], seq_q, 64, dtype=torch.float16)
+            kv = torch.zeros(2, heads[1], seq_k, 64, dtype=torch.float16)
+            emulated_ops.attention_forward(q, kv, kv, **native.op_args(spec, q))
+        finally:
+            emulated_ops.sm_count = 4
+        return emulated_ops.last_plan
+
+    assert plan((8, 2), 17, 130) == (1, 1)       # not a decode shape
+    assert plan((8, 2), 16, 130) == (4, 2)       # 16 rows x 4 heads = 64; 2 blocks, 130 keys: 2 splits of 64
+    assert plan((8, 1), 16, 130) == (4, 2)       # group 8 would need 128 rows
+    assert plan((10, 2), 1, 64) == (5, 1)        # one split's worth of keys
+    assert plan((8, 2), 1, 1000) == (4, 2)       # 4 blocks for 8: 2 splits
+    assert plan((8, 2), 1, 1000, sm_count=1) == (4, 1)  # the grid already gives 2 blocks per SM
+
+
+@pytest.mark.parametrize("scheme", list(KV_SCHEMES))
+def test_emulated_kvcache(scheme, emulated_cuda_backend, emulated_ops):
+    """fused_attention_with_kvcache(backend="cuda"): per-row cache lengths (seqused_k) 0, 16 and 150, Nq 1 and 3,
+    contiguous and paged (16-row pages, random block table; and 3-row pages) caches, GQA split-KV; against the
+    oracle of test_kvcache (the reference per row), paged equal to contiguous."""
+    for seq_q in (1, 3):
+        q, k_cache, v_cache, k_new, v_new = _kv_inputs(3, seq_q, (4, 2), 192, head_dim=64, dtype=torch.float16,
+                                                       seed=seq_q)
+        pos, lengths = KV_SCHEMES[scheme](4), [0, 16, 150]
+        out = _kv_check(q, k_cache, v_cache, lengths, pos, "cuda", k_new=k_new, v_new=v_new)
+        assert emulated_ops.last_plan[1] > 1, "the cases should split the keys"
+        for page_size, num_pages in ((16, 40), (3, 200)):
+            (k_pages, block_table), (v_pages, _) = _paged(k_cache, page_size, num_pages), _paged(v_cache, page_size,
+                                                                                               num_pages)
+            out_paged = _kv_check(q, k_pages, v_pages, lengths, pos, "cuda", block_table=block_table, k_new=k_new,
+                                  v_new=v_new)
+            assert torch.equal(out_paged, out), f"paged ({page_size}-row pages) != contiguous"

@@ -315,21 +315,21 @@ def test_relative_table_gradient_is_deterministic(backend):
     assert torch.equal(first, second), f"table gradients differ by {(first - second).abs().max().item():.3e}"
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", ["alibi", "rope", "relative"])
 @pytest.mark.parametrize("seq_q", [1, 4])
-def test_split_kv_decode_at_serving_shapes(scheme, seq_q):
-    """Decode steps through the split-KV Triton forward (launch.decode_plan: GQA groups of 4 heads per program,
-    keys split across the SMs, partials merged): Nq 1 and 4 over 8192 keys, Hq 32 / Hkv 8, D 128, bf16;
-    forward and backward against the fp64 reference."""
+def test_split_kv_decode_at_serving_shapes(scheme, seq_q, backend):
+    """Decode steps through the split-KV forwards (Triton's launch.decode_plan, CUDA C++'s launch.h decode_plan:
+    GQA groups of 4 heads per program / block, keys split across the SMs, partials merged): Nq 1 and 4 over 8192
+    keys, Hq 32 / Hkv 8, D 128, bf16; forward and backward against the fp64 reference."""
     case = Case(batch=2, heads_q=32, heads_kv=8, seq_q=seq_q, seq_k=8192, head_dim=128, pos=SCHEMES[scheme],
                 kwargs=dict(causal=True))
-    check_against_reference(case, torch.bfloat16, "triton")
+    check_against_reference(case, torch.bfloat16, backend)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("page_size", [16, 256])
-def test_paged_kvcache_decode(page_size):
+def test_paged_kvcache_decode(page_size, backend):
     """fused_attention_with_kvcache on the GPU: pages of 16 and 256 rows, rows of 1000 and 7000 cached tokens, 2
     new tokens written in place; RoPE, bf16; against the reference row by row (tests/test_kvcache.py's oracle)."""
     from test_kvcache import _check, _inputs, _paged
@@ -338,4 +338,4 @@ def test_paged_kvcache_decode(page_size):
     num_pages = 2 * 8192 // page_size + 3
     (k_pages, block_table), (v_pages, _) = _paged(k_cache, page_size, num_pages), _paged(v_cache, page_size,
                                                                                           num_pages)
-    _check(q, k_pages, v_pages, [1000, 7000], RoPE(), "triton", block_table=block_table, k_new=k_new, v_new=v_new)
+    _check(q, k_pages, v_pages, [1000, 7000], RoPE(), backend, block_table=block_table, k_new=k_new, v_new=v_new)

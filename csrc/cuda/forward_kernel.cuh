@@ -1,10 +1,14 @@
 // CUDA attention forward kernel (FlashAttention-2): one block of 4 warps per (64 query rows, query head, batch or
-// packed sequence; blocks past a sequence's rows exit at once);
+// packed sequence; blocks past a sequence's rows exit at once); a decode plan (launch.h) instead gives a block
+// `group` query heads of one kv head (tile row r: query m0 + r / group of head h0 + r % group) and one of `splits`
+// key ranges, whose partial (out, LSE) attention_split_merge_kernel combines;
 // each warp owns 16 rows and runs the online softmax over the key blocks its rows can see, with tensor-core
 // mma.sync for S = Q K^T and O += P V. Position math is applied where the data already is: RoPE rotates the
 // q / k tiles in shared memory as they are loaded, ALiBi / relative biases and the causal-window mask are
 // added to the fp32 accumulators in registers (each lane knows the (row, column) of its elements, mma.cuh).
 // Scores live in the log2 domain (exp2); the LSE written out is natural-log.
+//
+// Keys: per-row counts (seqused_k) and paged caches map through AttentionParams::key_row.
 //
 // Pipeline per key block j: cp.async V_j -> S = Q K_j^T -> mask / bias / online softmax -> cp.async K_{j+1}
 // (overlaps P V_j) -> O += P V_j. Q is kept in registers (its shared buffer is then reused for V).
@@ -18,10 +22,12 @@
 
 namespace fused_pos_attn::gpu {
 
+constexpr int kForwardBlockN = 64;  // keys per step
+
 template <int kHeadDim>
 struct ForwardConfig {
-  static constexpr int kBlockM = 64;            // query rows per block: 4 warps x 16
-  static constexpr int kBlockN = 64;            // keys per step
+  static constexpr int kBlockM = kForwardBlockM;  // tile rows per block: 4 warps x 16
+  static constexpr int kBlockN = kForwardBlockN;
   static constexpr int kStride = kHeadDim + 8;  // shared row stride: 16 bytes of padding keep ldmatrix conflict-free
   template <typename T>
   static constexpr int smem_bytes() {
@@ -33,15 +39,30 @@ struct ForwardArgs {
   Tensor4 q, k, v, out;
   float* lse;  // (B, Hq, Nq); packed: (1, Hq, total_q)
   bool vec16;  // q, k, v all allow 16-byte cp.async
+  DecodePlan plan;
+  ForwardWorkspace ws;  // plan.splits > 1: the splits' partial results
+  int64_t split_keys;   // keys of each split (launch.h split_keys)
 };
 
-// The forward's grid: (query blocks of the longest sequence, Hq, batch or sequences); empty (a 0 extent) when
-// there is nothing to compute, which the launcher does not launch.
-template <int kHeadDim>
-dim3 forward_grid(const AttentionParams& p) {
-  constexpr int kBlockM = ForwardConfig<kHeadDim>::kBlockM;
-  return dim3(static_cast<unsigned>((p.max_q_len() + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.heads_q),
-              static_cast<unsigned>(p.batch));
+// The kernels' arguments (shared by the launcher and tests/cuda_emulation).
+inline ForwardArgs forward_args(const AttentionParams& p, const Tensor4& q, const Tensor4& k, const Tensor4& v,
+                                const Tensor4& out, float* lse, const DecodePlan& plan, const ForwardWorkspace& ws) {
+  return ForwardArgs{q, k, v, out, lse, allows_cp_async(q) && allows_cp_async(k) && allows_cp_async(v), plan, ws,
+                     split_keys(p, plan, kForwardBlockN)};
+}
+
+// The forward's grid: (query blocks of the longest sequence x splits, Hq / group, batch or sequences); empty (a 0
+// extent) when there is nothing to compute, which the launcher does not launch.
+inline dim3 forward_grid(const AttentionParams& p, const DecodePlan& plan) {
+  const int64_t queries_per_block = kForwardBlockM / plan.group;
+  return dim3(static_cast<unsigned>((p.max_q_len() + queries_per_block - 1) / queries_per_block * plan.splits),
+              static_cast<unsigned>(p.heads_q / plan.group), static_cast<unsigned>(p.batch));
+}
+
+// The merge's grid: one warp per LSE row.
+inline dim3 merge_grid(const AttentionParams& p) {
+  constexpr int kRowsPerBlock = kThreads / kWarpSize;
+  return dim3(static_cast<unsigned>((p.lse_rows() + kRowsPerBlock - 1) / kRowsPerBlock));
 }
 
 template <typename T, int kHeadDim>
@@ -59,57 +80,78 @@ __global__ void __launch_bounds__(kThreads)
   T* s_q = s_v;
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
-  const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+  const int group = args.plan.group, splits = args.plan.splits, split = blockIdx.x % splits;
+  const int queries = kBlockM / group;  // query rows of each head in the tile; tile rows past queries * group idle
+  const int m0 = blockIdx.x / splits * queries, h0 = blockIdx.y * group, b = blockIdx.z;
   // Batch / sequence b's rows: q rows [q_rows.start, + seq_q) and k / v rows [k_rows.start, + seq_k) of tensor batch
   // tb. Below, row and key indices are b's own (0-based); the head pointers include the starts.
   const RowRange q_rows = p.q_rows(b), k_rows = p.k_rows(b);
   const int seq_q = static_cast<int>(q_rows.len), seq_k = static_cast<int>(k_rows.len);
   if (m0 >= seq_q) return;  // the grid covers the longest sequence
   const int64_t tb = p.tensor_batch(b);
-  const int kv_h = h / static_cast<int>(p.heads_q / p.heads_kv);
+  const int kv_h = h0 / static_cast<int>(p.heads_q / p.heads_kv);
   const int64_t q_off = p.q_offset[b], k_off = p.k_offset[b];
 
-  // This lane's two rows (C fragment rows g and g + 8 of the warp's 16) and their visible key intervals.
-  int row[2], key_first[2], key_last[2];
+  // Keys the block sees: those any of its rows sees (interval ends are non-decreasing in the row, position.h
+  // visible_keys) inside its split's range.
+  const int last_row = min(m0 + queries, seq_q) - 1;
+  const int64_t split_lo = split * args.split_keys, split_hi = split_lo + args.split_keys;
+  const int64_t first_key = visible_keys(q_off + m0, k_off, seq_k, p.causal, p.window).first;
+  const int64_t end_key = visible_keys(q_off + last_row, k_off, seq_k, p.causal, p.window).last;
+  const int n_lo = static_cast<int>(first_key > split_lo ? first_key : split_lo);
+  const int n_hi = static_cast<int>(end_key < split_hi ? end_key : split_hi);
+
+  // This lane's two rows (C fragment rows g and g + 8 of the warp's 16): query row, head, and visible keys.
+  int row[2], head[2], key_first[2], key_last[2];
   int64_t q_pos[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    row[rr] = m0 + warp * 16 + g + 8 * rr;
+    const int tile_row = warp * 16 + g + 8 * rr;
+    row[rr] = tile_row < queries * group ? m0 + tile_row / group : seq_q;
+    head[rr] = h0 + tile_row % group;
     q_pos[rr] = q_off + row[rr];
     const KeyInterval iv = row[rr] < seq_q ? visible_keys(q_pos[rr], k_off, seq_k, p.causal, p.window)
                                            : KeyInterval{0, 0};
-    key_first[rr] = static_cast<int>(iv.first);
-    key_last[rr] = static_cast<int>(iv.last);
+    key_first[rr] = iv.first > n_lo ? static_cast<int>(iv.first) : n_lo;
+    key_last[rr] = iv.last < n_hi ? static_cast<int>(iv.last) : n_hi;
   }
-  // Keys any row of the block sees: interval ends are non-decreasing in the row (position.h visible_keys).
-  const int last_row = min(m0 + kBlockM, seq_q) - 1;
-  const int n_lo = static_cast<int>(visible_keys(q_off + m0, k_off, seq_k, p.causal, p.window).first);
-  const int n_hi = static_cast<int>(visible_keys(q_off + last_row, k_off, seq_k, p.causal, p.window).last);
-
-  T* out = static_cast<T*>(args.out.data) + tb * args.out.stride_b + h * args.out.stride_h +
-           q_rows.start * args.out.stride_n;
-  float* lse = args.lse + (tb * p.heads_q + h) * p.seq_q + q_rows.start;
 
   float o[kDTiles][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
 
   if (n_lo < n_hi) {
-    const T* q_head = static_cast<const T*>(args.q.data) + tb * args.q.stride_b + h * args.q.stride_h +
+    const T* q_head = static_cast<const T*>(args.q.data) + tb * args.q.stride_b + h0 * args.q.stride_h +
                       q_rows.start * args.q.stride_n;
-    const T* k_head = static_cast<const T*>(args.k.data) + tb * args.k.stride_b + kv_h * args.k.stride_h +
+    // K / V rows: b's key j at row key_row(b, j) of tensor batch k_tensor_batch(b) (paged), else at k_rows.start + j.
+    const int64_t tb_k = p.k_tensor_batch(b);
+    const T* k_head = static_cast<const T*>(args.k.data) + tb_k * args.k.stride_b + kv_h * args.k.stride_h +
                       k_rows.start * args.k.stride_n;
-    const T* v_head = static_cast<const T*>(args.v.data) + tb * args.v.stride_b + kv_h * args.v.stride_h +
+    const T* v_head = static_cast<const T*>(args.v.data) + tb_k * args.v.stride_b + kv_h * args.v.stride_h +
                       k_rows.start * args.v.stride_n;
+    const bool paged = p.paged();
+    auto key_rows = [&](int64_t stride_n, int j0) {
+      return [&p, paged, b, seq_k, stride_n, j0](int r) {
+        const int j = j0 + r;
+        return j >= seq_k ? int64_t{-1} : (paged ? p.key_row(b, j) : j) * stride_n;
+      };
+    };
     const bool rope = p.pos == PosKind::kRope, alibi = p.pos == PosKind::kAlibi;
     const bool relative = p.pos == PosKind::kRelative;
 
-    load_tile<T, kBlockM, kHeadDim, kStride>(s_q, q_head, args.q.stride_n, m0, seq_q, args.vec16);
-    load_tile<T, kBlockN, kHeadDim, kStride>(s_k, k_head, args.k.stride_n, n_lo, seq_k, args.vec16);
+    const int64_t q_stride_n = args.q.stride_n, q_stride_h = args.q.stride_h;
+    load_rows<T, kBlockM, kHeadDim, kStride>(
+        s_q, q_head,
+        [=](int r) {
+          const int query = r < queries * group ? m0 + r / group : seq_q;
+          return query < seq_q ? query * q_stride_n + r % group * q_stride_h : int64_t{-1};
+        },
+        args.vec16);
+    load_rows<T, kBlockN, kHeadDim, kStride>(s_k, k_head, key_rows(args.k.stride_n, n_lo), args.vec16);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
     if (rope) {
-      rope_rotate_tile<T, kBlockM, kStride>(s_q, q_off + m0, p);
+      rope_rotate_tile<T, kBlockM, kStride>(s_q, q_off + m0, p, group);
       rope_rotate_tile<T, kBlockN, kStride>(s_k, k_off + n_lo, p);
       __syncthreads();
     }
@@ -119,11 +161,16 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // s_q is s_v from here on
 
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;  // biases are not scaled
-    const float slope_log2 = alibi ? p.slopes[b * p.slope_stride_b + h * p.slope_stride_h] * kLog2e : 0.0f;
-    const float* rel_table = relative ? p.rel_bias + h * 2 * (p.max_distance + 1) : nullptr;
+    float slope_log2[2];
+    const float* rel_table[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      slope_log2[rr] = alibi ? p.slopes[b * p.slope_stride_b + head[rr] * p.slope_stride_h] * kLog2e : 0.0f;
+      rel_table[rr] = relative ? p.rel_bias + head[rr] * 2 * (p.max_distance + 1) : nullptr;
+    }
 
     for (int n0 = n_lo; n0 < n_hi; n0 += kBlockN) {
-      load_tile<T, kBlockN, kHeadDim, kStride>(s_v, v_head, args.v.stride_n, n0, seq_k, args.vec16);
+      load_rows<T, kBlockN, kHeadDim, kStride>(s_v, v_head, key_rows(args.v.stride_n, n0), args.vec16);
       cp_async_commit();
 
       float s[kNTiles][4] = {};
@@ -151,9 +198,9 @@ __global__ void __launch_bounds__(kThreads)
             const int col = nt * 8 + 2 * t + c;
             float bias = 0.0f;
             if (alibi) {
-              bias = alibi_bias(slope_log2, rel0 - col);
+              bias = alibi_bias(slope_log2[rr], rel0 - col);
             } else if (relative) {
-              bias = __ldg(rel_table + relative_bias_index(rel0 - col, p.max_distance)) * kLog2e;
+              bias = __ldg(rel_table[rr] + relative_bias_index(rel0 - col, p.max_distance)) * kLog2e;
             }
             const bool visible = n0 + col >= key_first[rr] && n0 + col < key_last[rr];
             float& x = s[nt][2 * rr + c];
@@ -186,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();  // every warp is done with s_k
       const bool has_next = n0 + kBlockN < n_hi;
       if (has_next) {
-        load_tile<T, kBlockN, kHeadDim, kStride>(s_k, k_head, args.k.stride_n, n0 + kBlockN, seq_k, args.vec16);
+        load_rows<T, kBlockN, kHeadDim, kStride>(s_k, k_head, key_rows(args.k.stride_n, n0 + kBlockN), args.vec16);
       }
       cp_async_commit();
       cp_async_wait<1>();  // V_j has landed; K_{j+1} may still be in flight
@@ -213,19 +260,66 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // Epilogue: O / l, natural-log LSE; a row with no visible key keeps O = 0 and gets LSE -inf.
+  // Epilogue: O / l, natural-log LSE; a row with no visible key keeps O = 0 and gets LSE -inf. Split: fp32 into
+  // the split's partials (the merge kernel writes out and lse).
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const float l = group_sum(l_run[rr]);
     if (row[rr] >= seq_q) continue;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    T* out_row = out + row[rr] * args.out.stride_n;
+    const float row_lse = l > 0.0f ? (m_run[rr] + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t lse_row = (tb * p.heads_q + head[rr]) * p.seq_q + q_rows.start + row[rr];
+    if (splits > 1) {
+      const int64_t partial_row = split * p.lse_rows() + lse_row;
+      float* out_row = args.ws.out_partial + partial_row * kHeadDim;
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) = pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<float2*>(out_row + dt * 8 + 2 * t) = make_float2(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+      }
+      if (t == 0) args.ws.lse_partial[partial_row] = row_lse;
+    } else {
+      T* out_row = static_cast<T*>(args.out.data) + tb * args.out.stride_b + head[rr] * args.out.stride_h +
+                   (q_rows.start + row[rr]) * args.out.stride_n;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) =
+            pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+      }
+      if (t == 0) args.lse[lse_row] = row_lse;
     }
-    if (t == 0) lse[row[rr]] = l > 0.0f ? (m_run[rr] + log2f(l)) * kLn2 : -INFINITY;
   }
+}
+
+// out and lse of a split forward from its splits' partials (ForwardWorkspace): one warp per LSE row, each split
+// weighted by exp(its LSE - the largest); a row no split saw a key of gets out 0, LSE -inf. Rows outside every
+// packed sequence are not written (as the forward).
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads)
+    attention_split_merge_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ ForwardArgs args) {
+  constexpr int kPerLane = kHeadDim / kWarpSize;  // columns lane, lane + 32, ...
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t rows = p.lse_rows();
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (i >= rows) return;
+  const int64_t n = i % p.seq_q, h = i / p.seq_q % p.heads_q, tb = i / p.seq_q / p.heads_q;
+  if (p.q_sequence_of(tb, n) < 0) return;
+  float m = -INFINITY;
+  for (int s = 0; s < args.plan.splits; ++s) m = fmaxf(m, args.ws.lse_partial[s * rows + i]);
+  float acc[kPerLane] = {}, sum = 0.0f;
+  if (m != -INFINITY) {
+    for (int s = 0; s < args.plan.splits; ++s) {
+      const float w = expf(args.ws.lse_partial[s * rows + i] - m);  // 0 for a split without keys
+      const float* part = args.ws.out_partial + (s * rows + i) * kHeadDim;
+      sum += w;
+#pragma unroll
+      for (int c = 0; c < kPerLane; ++c) acc[c] += w * part[lane + c * kWarpSize];
+    }
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  T* out_row = static_cast<T*>(args.out.data) + tb * args.out.stride_b + h * args.out.stride_h + n * args.out.stride_n;
+#pragma unroll
+  for (int c = 0; c < kPerLane; ++c) out_row[lane + c * kWarpSize] = from_float<T>(acc[c] * inv);
+  if (lane == 0) args.lse[i] = sum > 0.0f ? m + logf(sum) : -INFINITY;
 }
 
 }  // namespace fused_pos_attn::gpu

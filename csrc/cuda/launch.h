@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "fused_pos_attn/attention_params.h"
@@ -26,11 +27,61 @@ struct Tensor4 {
 
 constexpr bool supported_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
+constexpr int kForwardBlockM = 64;  // query-tile rows of a forward block (4 warps x 16)
+
+// Split-KV decoding. A forward whose batches / sequences have at most kMaxDecodeRows query rows puts `group` query
+// heads of one kv head in each block (group x query rows share the kForwardBlockM tile rows and every K / V load)
+// and splits each one's keys `splits` ways over blocks of their own; each split writes a partial (out, LSE) and a
+// second kernel merges them. Not a decode shape: group 1, splits 1 (the plain forward).
+constexpr int64_t kMaxDecodeRows = 16;
+constexpr int kDecodeWaves = 2;           // blocks per SM a split plan aims for
+constexpr int64_t kMinSplitKeys = 256;    // keys each split keeps at least
+
+struct DecodePlan {
+  int group = 1;   // query heads per block: a divisor of Hq / Hkv
+  int splits = 1;  // key splits per (query block, head group, batch)
+};
+
+// The plan of a forward on a device with sm_count SMs: group the largest divisor of Hq / Hkv whose rows fit the
+// tile, splits enough blocks for kDecodeWaves per SM, each split keeping min_split_keys keys.
+inline DecodePlan decode_plan(const AttentionParams& p, int sm_count, int64_t min_split_keys = kMinSplitKeys) {
+  const int64_t rows_q = p.max_q_len();
+  if (rows_q == 0 || rows_q > kMaxDecodeRows) return {};
+  DecodePlan plan;
+  for (int64_t d = 1; d <= p.group(); ++d) {
+    if (p.group() % d == 0 && d * rows_q <= kForwardBlockM) plan.group = static_cast<int>(d);
+  }
+  const int64_t blocks = p.batch * (p.heads_q / plan.group);
+  const int64_t wanted = (int64_t{kDecodeWaves} * sm_count + blocks - 1) / std::max<int64_t>(blocks, 1);
+  plan.splits = static_cast<int>(std::max<int64_t>(1, std::min(wanted, p.max_k_len() / min_split_keys)));
+  return plan;
+}
+
+// Keys of each split (whole key blocks of block_n): split s covers keys [s * len, (s + 1) * len) of every batch.
+inline int64_t split_keys(const AttentionParams& p, const DecodePlan& plan, int block_n) {
+  const int64_t per_split = (p.max_k_len() + plan.splits - 1) / plan.splits;
+  return (per_split + block_n - 1) / block_n * block_n;
+}
+
+// Scratch of a split forward (plan.splits > 1), device memory the caller allocates (uninitialized): per split,
+// every LSE row's partial out and LSE, split s of LSE row i at s * p.lse_rows() + i. Sizes: split_rows(p, plan)
+// floats for lse_partial, times the head dim for out_partial; null when not split.
+struct ForwardWorkspace {
+  float* out_partial = nullptr;  // (splits, lse rows, D) fp32, each split's out normalized by its own sum
+  float* lse_partial = nullptr;  // (splits, lse rows) fp32, -inf where the split saw no key
+};
+
+inline int64_t split_rows(const AttentionParams& p, const DecodePlan& plan) {
+  return plan.splits > 1 ? plan.splits * p.lse_rows() : 0;
+}
+
 // out (B, Hq, Nq, D) in q's dtype (stride_n and stride_h even, as torch allocates it), lse (B, Hq, Nq) fp32
 // contiguous ((1, Hq, total_q) packed): natural-log LSE of each row's scores, -inf (and out 0) for a row with no
-// visible key. Packed: rows outside every sequence (or past max_seqlen_q) are not written.
+// visible key. Packed: rows outside every sequence (or past max_seqlen_q) are not written. plan: decode_plan's
+// (or the default, the plain forward); ws: its workspace.
 cudaError_t attention_forward(const AttentionParams& p, DType dtype, const Tensor4& q, const Tensor4& k,
-                              const Tensor4& v, const Tensor4& out, float* lse, cudaStream_t stream);
+                              const Tensor4& v, const Tensor4& out, float* lse, const DecodePlan& plan,
+                              const ForwardWorkspace& ws, cudaStream_t stream);
 
 constexpr int kBackwardBlockN = 64;  // keys per block of the backward's dK / dV kernel
 

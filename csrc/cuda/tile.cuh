@@ -15,26 +15,35 @@ namespace fused_pos_attn::gpu {
 
 constexpr int kThreads = 128;  // 4 warps per block in every tiled kernel
 
-// Rows [row0, row0 + kRows) of a head slice (row stride stride_n elements, unit column stride) into a
-// shared tile with row stride kStride; rows at or beyond num_rows are zero-filled (so padded keys give
-// finite scores and zero values). vec16: 16-byte cp.async (the caller commits and waits), else element
-// copies through registers (complete when the function returns; the caller's barrier publishes them).
-template <typename T, int kRows, int kHeadDim, int kStride>
-__device__ __forceinline__ void load_tile(T* tile, const T* head, int64_t stride_n, int row0, int num_rows,
-                                          bool vec16) {
+// Rows [0, kRows) of a shared tile (row stride kStride) from base + row_offset(r), row_offset(r) an element offset
+// (int64) of row r's first column (unit column stride), or -1 for a row to zero-fill (so padded keys give finite
+// scores and zero values). vec16: 16-byte cp.async (the caller commits and waits), else element copies through
+// registers (complete when the function returns; the caller's barrier publishes them).
+template <typename T, int kRows, int kHeadDim, int kStride, typename RowOffset>
+__device__ __forceinline__ void load_rows(T* tile, const T* base, RowOffset row_offset, bool vec16) {
   if (vec16) {
     constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
     for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
       const int r = c / kChunks, col = (c % kChunks) * 8;
-      const bool valid = row0 + r < num_rows;
-      cp_async_16(tile + r * kStride + col, valid ? head + (row0 + r) * stride_n + col : head, valid);
+      const int64_t offset = row_offset(r);
+      cp_async_16(tile + r * kStride + col, offset >= 0 ? base + offset + col : base, offset >= 0);
     }
   } else {
     for (int e = threadIdx.x; e < kRows * kHeadDim; e += kThreads) {
       const int r = e / kHeadDim, col = e % kHeadDim;
-      tile[r * kStride + col] = row0 + r < num_rows ? head[(row0 + r) * stride_n + col] : from_float<T>(0.0f);
+      const int64_t offset = row_offset(r);
+      tile[r * kStride + col] = offset >= 0 ? base[offset + col] : from_float<T>(0.0f);
     }
   }
+}
+
+// Rows [row0, row0 + kRows) of a head slice (row stride stride_n elements) into a shared tile, rows at or beyond
+// num_rows zero-filled (load_rows).
+template <typename T, int kRows, int kHeadDim, int kStride>
+__device__ __forceinline__ void load_tile(T* tile, const T* head, int64_t stride_n, int row0, int num_rows,
+                                          bool vec16) {
+  load_rows<T, kRows, kHeadDim, kStride>(
+      tile, head, [=](int r) { return row0 + r < num_rows ? (row0 + r) * stride_n : int64_t{-1}; }, vec16);
 }
 
 // cos and sin (attention factor folded in) of column d's rotation at absolute position pos.
@@ -46,11 +55,13 @@ __device__ __forceinline__ void rope_cos_sin(const AttentionParams& p, const Rop
   sin_a *= factor;
 }
 
-// Rotate rows [0, kRows) of a shared tile in place, row r at absolute position pos0 + r:
+// Rotate rows [0, kRows) of a shared tile in place, row r at absolute position pos0 + r / rows_per_position
+// (rows_per_position > 1: consecutive rows of one position, a decode tile's query heads):
 // x'[d] = x[d] cos + x[partner(d)] sign(d) sin (position.h's rope_column). One work item per rotation pair,
 // so no two threads touch the same element; the caller puts barriers before and after.
 template <typename T, int kRows, int kStride>
-__device__ __forceinline__ void rope_rotate_tile(T* tile, int64_t pos0, const AttentionParams& p) {
+__device__ __forceinline__ void rope_rotate_tile(T* tile, int64_t pos0, const AttentionParams& p,
+                                                 int rows_per_position = 1) {
   const int pairs = p.rotary_dim / 2;
   for (int item = threadIdx.x; item < kRows * pairs; item += kThreads) {
     const int r = item / pairs, pair = item % pairs;
@@ -58,7 +69,7 @@ __device__ __forceinline__ void rope_rotate_tile(T* tile, int64_t pos0, const At
     const RopeColumn first = rope_column(d, p.rotary_dim, p.interleaved);
     const RopeColumn second = rope_column(first.partner, p.rotary_dim, p.interleaved);
     float cos_a, sin_a;
-    rope_cos_sin(p, first, pos0 + r, cos_a, sin_a);
+    rope_cos_sin(p, first, pos0 + r / rows_per_position, cos_a, sin_a);
     T* x = tile + r * kStride;
     const float x1 = to_float(x[d]), x2 = to_float(x[first.partner]);
     x[d] = from_float<T>(x1 * cos_a + first.sign * sin_a * x2);

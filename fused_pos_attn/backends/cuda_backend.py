@@ -13,6 +13,10 @@ Packed (varlen) specs: q (1, Hq, total_q, D), k / v (1, Hkv, total_k, D) with th
 the longest sequence (max_seqlen_q / max_seqlen_k) and blocks past a sequence's rows exit. cu_seqlens are not
 checked on the device (that would synchronize): the kernels clamp every sequence's rows into the tensors and to at
 most max_seqlen rows, so no cu_seqlens reads or writes outside them. dq is 0 on rows no sequence owns.
+
+Decode shapes (at most 16 query rows per batch / sequence) run split-KV (csrc/cuda/launch.h decode_plan: GQA heads
+sharing a block, keys split over the SMs, partials merged by a second kernel). KV-cache specs (seqused_k, paged
+caches: fused_attention_with_kvcache) are forward only, as on every backend.
 """
 from __future__ import annotations
 

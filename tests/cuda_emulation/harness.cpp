@@ -1,6 +1,6 @@
 // Host harness for tests/test_cuda_emulated.py: launches the kernel templates of csrc/cuda/forward_kernel.cuh
-// and backward_kernel.cuh block by block on emulated threads (emu_runtime.h), with the grids and workspace
-// initialization of the launchers in attention_forward.cu / attention_backward.cu (and their choice of
+// and backward_kernel.cuh block by block on emulated threads (emu_runtime.h), with the grids, decode plans and
+// workspace initialization of the launchers in attention_forward.cu / attention_backward.cu (and their choice of
 // cp.async or element copies, allows_cp_async). C entry points for ctypes; the op's position and masking
 // arguments arrive as an EmuArg array in FPA_CALL_ARGS order (the op schema's), the rest as pointers and strides.
 #include <functional>
@@ -105,19 +105,30 @@ Tensor4 tensor4(void* data, const int64_t* strides) { return Tensor4{data, strid
 
 }  // namespace
 
+// The forward as the launcher runs it on a device of sm_count SMs (decode_plan, with min_split_keys for small test
+// shapes), its workspace NaN-filled; plan_out gets the plan's (group, splits).
 extern "C" void emu_forward(int dtype, const int64_t* shape, const EmuArg* call_args, void* q,
                             const int64_t* q_strides, void* k, const int64_t* k_strides, void* v,
-                            const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse) {
+                            const int64_t* v_strides, void* out, const int64_t* out_strides, float* lse,
+                            int sm_count, int64_t min_split_keys, int* plan_out) {
   const AttentionParams p = make_params(shape, call_args);
   check_grid(p);
-  const Tensor4 q4 = tensor4(q, q_strides), k4 = tensor4(k, k_strides), v4 = tensor4(v, v_strides);
-  const ForwardArgs args{q4, k4, v4, tensor4(out, out_strides), lse,
-                         allows_cp_async(q4) && allows_cp_async(k4) && allows_cp_async(v4)};
+  const DecodePlan plan = decode_plan(p, sm_count, min_split_keys);
+  std::vector<float> out_partial(split_rows(p, plan) * p.head_dim, NAN), lse_partial(split_rows(p, plan), NAN);
+  const ForwardWorkspace ws{out_partial.empty() ? nullptr : out_partial.data(),
+                            lse_partial.empty() ? nullptr : lse_partial.data()};
+  const ForwardArgs args = forward_args(p, tensor4(q, q_strides), tensor4(k, k_strides), tensor4(v, v_strides),
+                                        tensor4(out, out_strides), lse, plan, ws);
+  plan_out[0] = plan.group;
+  plan_out[1] = plan.splits;
   dispatch(dtype, p.head_dim, [&](auto* t, auto head_dim) {
     using T = std::remove_pointer_t<decltype(t)>;
     constexpr int kHeadDim = decltype(head_dim)::value;
-    const dim3 grid = forward_grid<kHeadDim>(p);  // the launcher's; an empty grid runs no block
+    const dim3 grid = forward_grid(p, plan);  // the launcher's; an empty grid runs no block
     run_grid({grid.x, grid.y, grid.z}, [&] { attention_forward_kernel<T, kHeadDim>(p, args); });
+    if (grid.x && grid.y && grid.z && plan.splits > 1) {
+      run_grid({merge_grid(p).x, 1, 1}, [&] { attention_split_merge_kernel<T, kHeadDim>(p, args); });
+    }
   });
 }
 
