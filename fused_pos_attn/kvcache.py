@@ -67,11 +67,12 @@ def fused_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         raise ValueError(f"q must have B, Nq, Hq >= 1, got shape {tuple(q.shape)}")
     if not paged and slots != batch:
         raise ValueError(f"k_cache must have q's batch size B={batch} (B, max_len, Hkv, D), got {tuple(k_cache.shape)}")
-    pages = _check_block_table(block_table, batch, slots, q.device) if paged else None
+    pages = _check_block_table(block_table, batch, q.device) if paged else None
     if pages is not None:
         capacity *= pages.shape[1]  # a row's keys: max_pages * page_size
     new_kv = _check_new_kv(k_new, v_new, (batch, seq_q, num_kv_heads, head_dim), q)
-    lengths, longest = _check_seqlens(cache_seqlens, batch, seq_q, capacity, q.device)
+    lengths = _check_seqlens(cache_seqlens, batch, q.device)
+    longest = _check_values(lengths, pages, seq_q, capacity, slots)
     chosen = backends.select(backend, q)
     _check_paged_dtype(chosen, q, paged)
     k4, v4 = (_kernel_view(t, paged) for t in (k_cache, v_cache))
@@ -106,8 +107,8 @@ def _check_cache(k_cache: torch.Tensor, paged: bool) -> tuple[int, int, int]:
     return slots, rows, num_kv_heads
 
 
-def _check_block_table(block_table, batch: int, num_pages: int, device: torch.device) -> torch.Tensor:
-    """(B, max_pages) int32 / int64 with entries in [0, num_pages) -> an int64 contiguous copy."""
+def _check_block_table(block_table, batch: int, device: torch.device) -> torch.Tensor:
+    """(B, max_pages) int32 / int64 -> an int64 contiguous copy (its values: _check_values)."""
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be a (B, max_pages) int32 tensor or None, got {type(block_table).__name__}")
     if block_table.dtype not in (torch.int32, torch.int64):
@@ -117,10 +118,6 @@ def _check_block_table(block_table, batch: int, num_pages: int, device: torch.de
                          f"{tuple(block_table.shape)}")
     if block_table.device != device:
         raise ValueError(f"block_table must be on q's device {device}, got {block_table.device}")
-    lowest, highest = (int(x) for x in torch.aminmax(block_table))
-    if lowest < 0 or highest >= num_pages:
-        bad = lowest if lowest < 0 else highest
-        raise ValueError(f"block_table entries must be page indices in [0, num_pages={num_pages}), got {bad}")
     return block_table.to(torch.int64).contiguous()
 
 
@@ -141,9 +138,8 @@ def _check_new_kv(k_new, v_new, shape: tuple, q: torch.Tensor):
     return k_new, v_new
 
 
-def _check_seqlens(cache_seqlens, batch: int, seq_q: int, capacity: int,
-                   device: torch.device) -> tuple[torch.Tensor, int]:
-    """int or (B,) integer tensor -> ((B,) int64 copy on device, each in [0, capacity - Nq]; the largest)."""
+def _check_seqlens(cache_seqlens, batch: int, device: torch.device) -> torch.Tensor:
+    """int or (B,) integer tensor -> a (B,) int64 copy on device (its values: _check_values)."""
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cache_seqlens must be an int or a (B,) integer tensor, got {type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, torch.Tensor):
@@ -155,13 +151,24 @@ def _check_seqlens(cache_seqlens, batch: int, seq_q: int, capacity: int,
         lengths = cache_seqlens.to(device=device, dtype=torch.int64, copy=True).expand(batch).contiguous()
     else:
         lengths = torch.full((batch,), cache_seqlens, dtype=torch.int64, device=device)
-    lowest, highest = (int(x) for x in torch.aminmax(lengths))
+    return lengths
+
+
+def _check_values(lengths: torch.Tensor, pages: Optional[torch.Tensor], seq_q: int, capacity: int,
+                  num_pages: int) -> int:
+    """Every length in [0, capacity - Nq] and every page index in [0, num_pages), read back to the host in one
+    transfer (one synchronization on CUDA); returns the largest length."""
+    ranges = torch.stack(torch.aminmax(lengths) + (torch.aminmax(pages) if pages is not None else ())).tolist()
+    lowest, highest = ranges[:2]
     if lowest < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {lowest}")
     if highest + seq_q > capacity:
         raise ValueError(f"cache too short: cache_seqlens {highest} + Nq {seq_q} new tokens > {capacity} rows the "
                          f"cache holds for a row (max_len, or max_pages * page_size)")
-    return lengths, highest
+    if pages is not None and (ranges[2] < 0 or ranges[3] >= num_pages):
+        bad = ranges[2] if ranges[2] < 0 else ranges[3]
+        raise ValueError(f"block_table entries must be page indices in [0, num_pages={num_pages}), got {bad}")
+    return highest
 
 
 def _check_paged_dtype(chosen, q: torch.Tensor, paged: bool) -> None:
