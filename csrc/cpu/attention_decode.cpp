@@ -99,10 +99,18 @@ std::pair<const float*, int64_t> block_rows(const View4<const scalar_t>& src, in
     }
     return {tile, D};
   }
-  for (int64_t j = 0; j < rows; ++j) {
-    pack_rows(src, tb, h, p.key_row(b, j0 + j), 1, D, 1.0f, static_cast<const RopeTables<float>*>(nullptr), false,
-              tile + j * D);
-    if (cos) rotate_row<false>(tile + j * D, cos + j * pairs, sin + j * pairs, p.rotary_dim, p.interleaved);
+  const auto* no_tables = static_cast<const RopeTables<float>*>(nullptr);
+  if (consecutive) {  // one pass over the block's rows
+    pack_rows(src, tb, h, p.key_row(b, j0), rows, D, 1.0f, no_tables, false, tile);
+  } else {  // rows spanning pages: gathered one by one
+    for (int64_t j = 0; j < rows; ++j) {
+      pack_rows(src, tb, h, p.key_row(b, j0 + j), 1, D, 1.0f, no_tables, false, tile + j * D);
+    }
+  }
+  if (cos) {
+    for (int64_t j = 0; j < rows; ++j) {
+      rotate_row<false>(tile + j * D, cos + j * pairs, sin + j * pairs, p.rotary_dim, p.interleaved);
+    }
   }
   return {tile, D};
 }
