@@ -8,14 +8,15 @@ Providers, per scheme (B = 1, Hq = 8, D = 64, fp32 on CPU / bf16 on CUDA; MHA an
          kernel at its position (q_offset = Nk - Nq), the ALiBi bias computed in the kernel.
   paged  fused_attention_with_kvcache over the same keys in a paged cache (pages of 16 rows, shuffled), the
          new rows already written (cache_seqlens = Nk - Nq).
-  cuda   (CUDA devices with the CUDA C++ kernels built; else "-") fused's call on backend="cuda", the CUDA C++
-         split-KV forward (csrc/cuda/launch.h decode_plan) instead of the Triton one.
+  cuda   fused's call on backend="cuda": the CUDA C++ split-KV forward (csrc/cuda/launch.h decode_plan) instead
+         of the Triton one (CUDA devices with the CUDA C++ kernels built, fp16 / bf16; else "-").
   sdpa   what models do without the kernel: RoPE keys cached already rotated (only the new query rotated per
          step), the ALiBi bias row (1, H, Nq, Nk) built per step; then F.scaled_dot_product_attention
          (enable_gqa for GQA). For pos none both are plain attention.
 Timing: the providers interleaved round robin over --rounds rounds; each measurement the minimum of --calls calls
 (decode steps are short: the minimum is the uncontended time); the minimum over rounds is reported.
-kv TB/s: the K and V bytes a fused (or cuda) call reads (2 x Hkv x Nk x D x element size) over its time (H200: 4.8 TB/s peak).
+kv TB/s: the K and V bytes a fused (or cuda) call reads (2 x Hkv x Nk x D x element size) over its time (H200:
+4.8 TB/s peak).
 Writes bench/results/decode_<device>_<model>.{md,csv}.
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ def providers(pos: str, keys: int, q_rows: int, kv_heads: int, device: str, dtyp
 
     steps = {"fused": lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset), "paged": paged,
              "sdpa": sdpa}
-    if device == "cuda" and native.built_with_cuda():
+    if device == "cuda" and native.built_with_cuda() and dtype in (torch.float16, torch.bfloat16):
         steps["cuda"] = lambda: fused_attention(q, k, v, scheme, causal=True, q_offset=offset, backend="cuda")
     return steps
 
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     for _ in range(args.rounds):
                         for name, step in steps.items():
                             best[name] = min(best[name], min_ms(step, args.device, args.calls))
-                    rows.append(dict(pos=pos, kv_heads=kv_heads, q_rows=q_rows, keys=keys, cuda=math.nan, **best))
+                    best.setdefault("cuda", math.nan)  # not run: no CUDA C++ kernels here
+                    rows.append(dict(pos=pos, kv_heads=kv_heads, q_rows=q_rows, keys=keys, **best))
                     print(f"{pos} Hkv={kv_heads} Nq={q_rows} Nk={keys}: fused {best['fused']:.3f} ms, paged "
                           f"{best['paged']:.3f} ms, sdpa {best['sdpa']:.3f} ms", file=sys.stderr)
     return rows

@@ -287,15 +287,18 @@ def test_emulated_table_gradient_is_deterministic(emulated_cuda_backend):
     assert all(torch.equal(tables[0], t) for t in tables[1:])
 
 
-def test_unaligned_rows_take_element_copies(emulated_ops):
+@pytest.mark.parametrize("seq_q,seq_k,plan", [(30, 50, (1, 1)), (2, 200, (1, 3))], ids=["prefill", "split_decode"])
+def test_unaligned_rows_take_element_copies(seq_q, seq_k, plan, emulated_ops):
     """Row strides that are not a multiple of 8 elements (and an odd base offset) switch the tile loads from
-    cp.async to element copies; the forward is bit-identical to the aligned run."""
+    cp.async to element copies; the forward is bit-identical to the aligned run. Also for a split-KV decode of
+    one head per block (MHA: group 1)."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, 67, generator=gen).half()[..., 1:65] for n in (30, 50, 50))
+    q, k, v = (torch.randn(1, 2, n, 67, generator=gen).half()[..., 1:65] for n in (seq_q, seq_k, seq_k))
     offsets = torch.zeros(1, dtype=torch.int64)
-    spec = AttentionSpec(causal=True, scale=0.125, window=None, q_offset=offsets + 20, k_offset=offsets,
-                         position=ResolvedPosition("alibi", slopes=torch.full((1, 2), 0.25)))
+    spec = AttentionSpec(causal=True, scale=0.125, window=None, q_offset=offsets + seq_k - seq_q + 20,
+                         k_offset=offsets, position=ResolvedPosition("alibi", slopes=torch.full((1, 2), 0.25)))
     unaligned = emulated_ops.attention_forward(q, k, v, **native.op_args(spec, q))
+    assert emulated_ops.last_plan == plan
     aligned = emulated_ops.attention_forward(*(t.contiguous() for t in (q, k, v)), **native.op_args(spec, q))
     assert q.stride(2) % 8 and all(torch.equal(a, b) for a, b in zip(unaligned, aligned))
 
@@ -415,3 +418,26 @@ def test_emulated_kvcache(scheme, emulated_cuda_backend, emulated_ops):
             out_paged = _kv_check(q, k_pages, v_pages, lengths, pos, "cuda", block_table=block_table, k_new=k_new,
                                   v_new=v_new)
             assert torch.equal(out_paged, out), f"paged ({page_size}-row pages) != contiguous"
+
+
+def test_emulated_varlen_split_kv_decode(emulated_cuda_backend, emulated_ops, monkeypatch):
+    """Packed decode (at most 16 query rows per sequence) on the split path: per-sequence ALiBi slopes, GQA groups
+    of 4 heads, an empty sequence, one with queries and no keys, one with keys and no query; the merge writes only
+    rows a sequence owns."""
+    monkeypatch.setattr(emulated_ops, "sm_count", 16)  # 8 blocks for 32: 4 splits of the 300 keys
+    p = make_packed("alibi", (1, 0, 5, 3, 0), (300, 3, 0, 200, 7), heads=8, kv_heads=2, head_dim=64,
+                    dtype=torch.float16, window=120)
+    check_against_reference(cuda_backend, p, torch.float16, "varlen split decode")
+    assert emulated_ops.last_plan == (4, 4)
+
+
+def test_emulated_kvcache_bf16_d128(emulated_cuda_backend, emulated_ops):
+    """KV cache at D 128 in bf16, YaRN partial interleaved RoPE, 16-row pages: a decode step (Nq 2, split) and a
+    chunked prefill (Nq 20: no decode plan, the plain forward over pages)."""
+    for seq_q, plan in ((2, (4, 2)), (20, (1, 1))):
+        q, k_cache, v_cache, k_new, v_new = _kv_inputs(2, seq_q, (8, 2), 160, head_dim=128, dtype=torch.bfloat16,
+                                                       seed=seq_q)
+        (k_pages, block_table), (v_pages, _) = _paged(k_cache, 16, 24), _paged(v_cache, 16, 24)
+        _kv_check(q, k_pages, v_pages, [9, 130], KV_SCHEMES["rope_yarn_partial"](8), "cuda", block_table=block_table,
+                  k_new=k_new, v_new=v_new)
+        assert emulated_ops.last_plan == plan

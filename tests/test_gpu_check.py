@@ -278,3 +278,26 @@ def test_gpu_reference_check_catches_an_ignored_lse_gradient(monkeypatch):
     test_gpu.check_against_reference(case, torch.float32, "cpu", device="cpu")  # no dLSE: still passes
     with pytest.raises(AssertionError, match="dq backend=cpu"):
         test_gpu.check_against_reference(case, torch.float32, "cpu", lse_grad=True, device="cpu")
+
+
+def test_decode_bench_rows_with_and_without_the_cuda_provider(monkeypatch):
+    """bench/decode.py's run / table / CSV cells: a row without the CUDA C++ provider shows "-", one with it (as
+    on a GPU with the CUDA kernels built) its time; both through the same code as a real run (tiny sizes, CPU)."""
+    import decode  # bench/decode.py
+
+    args = decode.parse_args(["--device", "cpu", "--pos", "rope", "--kv-heads", "2", "--q-rows", "1", "--keys",
+                              "64", "--rounds", "1", "--calls", "1"])
+    plain = decode.run(args)[0]
+    real_providers = decode.providers
+
+    def with_cuda(*a):
+        steps = real_providers(*a)
+        steps["cuda"] = steps["fused"]  # stands in for backend="cuda"
+        return steps
+
+    monkeypatch.setattr(decode, "providers", with_cuda)
+    both = decode.run(args)[0]
+    table = decode.markdown_table([plain, both], torch.float32)
+    lines = table.splitlines()
+    assert lines[2].endswith("| - | - |") and not lines[3].endswith("| - | - |")
+    assert both["cuda"] > 0 and decode.kv_tb_s(both, torch.float32, "cuda") > 0

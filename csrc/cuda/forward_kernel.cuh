@@ -22,12 +22,10 @@
 
 namespace fused_pos_attn::gpu {
 
-constexpr int kForwardBlockN = 64;  // keys per step
-
 template <int kHeadDim>
 struct ForwardConfig {
   static constexpr int kBlockM = kForwardBlockM;  // tile rows per block: 4 warps x 16
-  static constexpr int kBlockN = kForwardBlockN;
+  static constexpr int kBlockN = 64;              // keys per step
   static constexpr int kStride = kHeadDim + 8;  // shared row stride: 16 bytes of padding keep ldmatrix conflict-free
   template <typename T>
   static constexpr int smem_bytes() {
@@ -41,14 +39,12 @@ struct ForwardArgs {
   bool vec16;  // q, k, v all allow 16-byte cp.async
   DecodePlan plan;
   ForwardWorkspace ws;  // plan.splits > 1: the splits' partial results
-  int64_t split_keys;   // keys of each split (launch.h split_keys)
 };
 
 // The kernels' arguments (shared by the launcher and tests/cuda_emulation).
 inline ForwardArgs forward_args(const AttentionParams& p, const Tensor4& q, const Tensor4& k, const Tensor4& v,
                                 const Tensor4& out, float* lse, const DecodePlan& plan, const ForwardWorkspace& ws) {
-  return ForwardArgs{q, k, v, out, lse, allows_cp_async(q) && allows_cp_async(k) && allows_cp_async(v), plan, ws,
-                     split_keys(p, plan, kForwardBlockN)};
+  return ForwardArgs{q, k, v, out, lse, allows_cp_async(q) && allows_cp_async(k) && allows_cp_async(v), plan, ws};
 }
 
 // The forward's grid: (query blocks of the longest sequence x splits, Hq / group, batch or sequences); empty (a 0
@@ -93,13 +89,17 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t q_off = p.q_offset[b], k_off = p.k_offset[b];
 
   // Keys the block sees: those any of its rows sees (interval ends are non-decreasing in the row, position.h
-  // visible_keys) inside its split's range.
+  // visible_keys); split, an equal run of whole key blocks of that range per split (the last runs may be empty).
   const int last_row = min(m0 + queries, seq_q) - 1;
-  const int64_t split_lo = split * args.split_keys, split_hi = split_lo + args.split_keys;
-  const int64_t first_key = visible_keys(q_off + m0, k_off, seq_k, p.causal, p.window).first;
-  const int64_t end_key = visible_keys(q_off + last_row, k_off, seq_k, p.causal, p.window).last;
-  const int n_lo = static_cast<int>(first_key > split_lo ? first_key : split_lo);
-  const int n_hi = static_cast<int>(end_key < split_hi ? end_key : split_hi);
+  int n_lo = static_cast<int>(visible_keys(q_off + m0, k_off, seq_k, p.causal, p.window).first);
+  int n_hi = static_cast<int>(visible_keys(q_off + last_row, k_off, seq_k, p.causal, p.window).last);
+  if (splits > 1 && n_lo < n_hi) {
+    const int64_t run = int64_t{kBlockN} * splits;
+    const int64_t split_len = (int64_t{n_hi} - n_lo + run - 1) / run * kBlockN;  // whole key blocks
+    const int64_t lo = n_lo + split * split_len, hi = lo + split_len;
+    n_lo = lo < n_hi ? static_cast<int>(lo) : n_hi;
+    n_hi = hi < n_hi ? static_cast<int>(hi) : n_hi;
+  }
 
   // This lane's two rows (C fragment rows g and g + 8 of the warp's 16): query row, head, and visible keys.
   int row[2], head[2], key_first[2], key_last[2];
@@ -115,6 +115,8 @@ __global__ void __launch_bounds__(kThreads)
     key_first[rr] = iv.first > n_lo ? static_cast<int>(iv.first) : n_lo;
     key_last[rr] = iv.last < n_hi ? static_cast<int>(iv.last) : n_hi;
   }
+  // A warp's rows are all idle (past the group's rows or the sequence) iff its first one is.
+  const bool warp_active = warp * 16 < queries * group && m0 + warp * 16 / group < seq_q;
 
   float o[kDTiles][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
@@ -174,59 +176,61 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_commit();
 
       float s[kNTiles][4] = {};
+      if (warp_active) {  // a warp whose rows are all idle skips the math (not the loads and barriers)
 #pragma unroll
-      for (int ks = 0; ks < kDSteps; ++ks) {
+        for (int ks = 0; ks < kDSteps; ++ks) {
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; nt += 2) {
-          uint32_t kb[4];
-          load_b_nk(kb, s_k, kStride, nt * 8, ks * 16, lane);
-          mma_16816<T>(s[nt], q_frag[ks], kb[0], kb[1]);
-          mma_16816<T>(s[nt + 1], q_frag[ks], kb[2], kb[3]);
+          for (int nt = 0; nt < kNTiles; nt += 2) {
+            uint32_t kb[4];
+            load_b_nk(kb, s_k, kStride, nt * 8, ks * 16, lane);
+            mma_16816<T>(s[nt], q_frag[ks], kb[0], kb[1]);
+            mma_16816<T>(s[nt + 1], q_frag[ks], kb[2], kb[3]);
+          }
         }
-      }
 
-      // Scores (log2 units) with bias and mask, then the online softmax of this lane's two rows.
+        // Scores (log2 units) with bias and mask, then the online softmax of this lane's two rows.
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        // rel = pq - pk of column 0, saturated like position.h (clamp_rel) so per-column math stays in int32.
-        const int rel0 = static_cast<int>(clamp_rel(q_pos[rr] - (k_off + n0)));
-        float row_max = -INFINITY;
+        for (int rr = 0; rr < 2; ++rr) {
+          // rel = pq - pk of column 0, saturated like position.h (clamp_rel) so per-column math stays in int32.
+          const int rel0 = static_cast<int>(clamp_rel(q_pos[rr] - (k_off + n0)));
+          float row_max = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
+          for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int col = nt * 8 + 2 * t + c;
-            float bias = 0.0f;
-            if (alibi) {
-              bias = alibi_bias(slope_log2[rr], rel0 - col);
-            } else if (relative) {
-              bias = __ldg(rel_table[rr] + relative_bias_index(rel0 - col, p.max_distance)) * kLog2e;
+            for (int c = 0; c < 2; ++c) {
+              const int col = nt * 8 + 2 * t + c;
+              float bias = 0.0f;
+              if (alibi) {
+                bias = alibi_bias(slope_log2[rr], rel0 - col);
+              } else if (relative) {
+                bias = __ldg(rel_table[rr] + relative_bias_index(rel0 - col, p.max_distance)) * kLog2e;
+              }
+              const bool visible = n0 + col >= key_first[rr] && n0 + col < key_last[rr];
+              float& x = s[nt][2 * rr + c];
+              x = visible ? x * scale_log2 + bias : -INFINITY;
+              row_max = fmaxf(row_max, x);
             }
-            const bool visible = n0 + col >= key_first[rr] && n0 + col < key_last[rr];
-            float& x = s[nt][2 * rr + c];
-            x = visible ? x * scale_log2 + bias : -INFINITY;
-            row_max = fmaxf(row_max, x);
           }
-        }
-        const float m_new = fmaxf(m_run[rr], group_max(row_max));
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: keep exp2 away from inf - inf
-        const float alpha = exp2f(m_run[rr] - m_use);
-        float row_sum = 0.0f;
+          const float m_new = fmaxf(m_run[rr], group_max(row_max));
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no visible key yet: keep exp2 away from inf - inf
+          const float alpha = exp2f(m_run[rr] - m_use);
+          float row_sum = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
+          for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            float& x = s[nt][2 * rr + c];
-            x = exp2f(x - m_use);
-            row_sum += x;
+            for (int c = 0; c < 2; ++c) {
+              float& x = s[nt][2 * rr + c];
+              x = exp2f(x - m_use);
+              row_sum += x;
+            }
           }
-        }
-        l_run[rr] = l_run[rr] * alpha + row_sum;  // per-lane partial sum; summed over the group at the end
-        m_run[rr] = m_new;
+          l_run[rr] = l_run[rr] * alpha + row_sum;  // per-lane partial sum; summed over the group at the end
+          m_run[rr] = m_new;
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o[dt][2 * rr] *= alpha;
-          o[dt][2 * rr + 1] *= alpha;
+          for (int dt = 0; dt < kDTiles; ++dt) {
+            o[dt][2 * rr] *= alpha;
+            o[dt][2 * rr + 1] *= alpha;
+          }
         }
       }
 
@@ -239,16 +243,18 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_wait<1>();  // V_j has landed; K_{j+1} may still be in flight
       __syncthreads();
 
+      if (warp_active) {
 #pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        uint32_t pa[4];
-        c_to_a<T>(pa, s[2 * ks], s[2 * ks + 1]);
+        for (int ks = 0; ks < kBlockN / 16; ++ks) {
+          uint32_t pa[4];
+          c_to_a<T>(pa, s[2 * ks], s[2 * ks + 1]);
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; dt += 2) {
-          uint32_t vb[4];
-          load_b_kn(vb, s_v, kStride, ks * 16, dt * 8, lane);
-          mma_16816<T>(o[dt], pa, vb[0], vb[1]);
-          mma_16816<T>(o[dt + 1], pa, vb[2], vb[3]);
+          for (int dt = 0; dt < kDTiles; dt += 2) {
+            uint32_t vb[4];
+            load_b_kn(vb, s_v, kStride, ks * 16, dt * 8, lane);
+            mma_16816<T>(o[dt], pa, vb[0], vb[1]);
+            mma_16816<T>(o[dt + 1], pa, vb[2], vb[3]);
+          }
         }
       }
       cp_async_wait<0>();
@@ -274,7 +280,8 @@ __global__ void __launch_bounds__(kThreads)
       float* out_row = args.ws.out_partial + partial_row * kHeadDim;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
-        *reinterpret_cast<float2*>(out_row + dt * 8 + 2 * t) = make_float2(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+        *reinterpret_cast<float2*>(out_row + dt * 8 + 2 * t) =
+            make_float2(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
       }
       if (t == 0) args.ws.lse_partial[partial_row] = row_lse;
     } else {

@@ -31,8 +31,9 @@ constexpr int kForwardBlockM = 64;  // query-tile rows of a forward block (4 war
 
 // Split-KV decoding. A forward whose batches / sequences have at most kMaxDecodeRows query rows puts `group` query
 // heads of one kv head in each block (group x query rows share the kForwardBlockM tile rows and every K / V load)
-// and splits each one's keys `splits` ways over blocks of their own; each split writes a partial (out, LSE) and a
-// second kernel merges them. Not a decode shape: group 1, splits 1 (the plain forward).
+// and splits the keys each block sees `splits` ways (equal runs of whole key blocks) over blocks of their own; each
+// split writes a partial (out, LSE) and a second kernel merges them. Not a decode shape: group 1, splits 1 (the
+// plain forward).
 constexpr int64_t kMaxDecodeRows = 16;
 constexpr int kDecodeWaves = 2;           // blocks per SM a split plan aims for
 constexpr int64_t kMinSplitKeys = 256;    // keys each split keeps at least
@@ -55,12 +56,6 @@ inline DecodePlan decode_plan(const AttentionParams& p, int sm_count, int64_t mi
   const int64_t wanted = (int64_t{kDecodeWaves} * sm_count + blocks - 1) / std::max<int64_t>(blocks, 1);
   plan.splits = static_cast<int>(std::max<int64_t>(1, std::min(wanted, p.max_k_len() / min_split_keys)));
   return plan;
-}
-
-// Keys of each split (whole key blocks of block_n): split s covers keys [s * len, (s + 1) * len) of every batch.
-inline int64_t split_keys(const AttentionParams& p, const DecodePlan& plan, int block_n) {
-  const int64_t per_split = (p.max_k_len() + plan.splits - 1) / plan.splits;
-  return (per_split + block_n - 1) / block_n * block_n;
 }
 
 // Scratch of a split forward (plan.splits > 1), device memory the caller allocates (uninitialized): per split,

@@ -102,9 +102,10 @@ inline void check_grid(const AttentionParams& p) {
                                 std::to_string(p.batch) + ", Hq=" + std::to_string(p.heads_q));
   }
   constexpr int64_t kMaxSeq = (int64_t{1} << 31) - 256;
-  if (p.seq_q > kMaxSeq || p.seq_k > kMaxSeq) {
-    throw std::invalid_argument("fused_pos_attn CUDA kernels: Nq and Nk must be < 2^31 - 256, got Nq=" +
-                                std::to_string(p.seq_q) + ", Nk=" + std::to_string(p.seq_k));
+  if (p.seq_q > kMaxSeq || p.seq_k > kMaxSeq || p.max_k_len() > kMaxSeq) {  // paged: max_pages x page_size keys
+    throw std::invalid_argument("fused_pos_attn CUDA kernels: Nq and Nk (a paged cache's max_pages x page_size) "
+                                "must be < 2^31 - 256, got Nq=" + std::to_string(p.seq_q) + ", Nk=" +
+                                std::to_string(p.paged() ? p.max_k_len() : p.seq_k));
   }
 }
 
