@@ -234,10 +234,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()));
   const gpu::DecodePlan plan = gpu::decode_plan(p, sm_count);
   const int64_t split_rows = gpu::split_rows(p, plan);
-  at::Tensor out_partial = at::empty({split_rows, p.head_dim}, lse.options());
-  at::Tensor lse_partial = at::empty({split_rows}, lse.options());
-  const gpu::ForwardWorkspace ws{split_rows ? out_partial.data_ptr<float>() : nullptr,
-                                 split_rows ? lse_partial.data_ptr<float>() : nullptr};
+  at::Tensor out_partial, lse_partial;  // allocated only for a split plan
+  gpu::ForwardWorkspace ws;
+  if (split_rows > 0) {
+    out_partial = at::empty({split_rows, p.head_dim}, lse.options());
+    lse_partial = at::empty({split_rows}, lse.options());
+    ws = {out_partial.data_ptr<float>(), lse_partial.data_ptr<float>()};
+  }
   run_cuda([&] {
     return gpu::attention_forward(p, dtype, tensor4(q, "q"), tensor4(k, "k"), tensor4(v, "v"), tensor4(out, "out"),
                                   lse.data_ptr<float>(), plan, ws, c10::cuda::getCurrentCUDAStream().stream());

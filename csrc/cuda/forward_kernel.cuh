@@ -84,6 +84,8 @@ __global__ void __launch_bounds__(kThreads)
   const RowRange q_rows = p.q_rows(b), k_rows = p.k_rows(b);
   const int seq_q = static_cast<int>(q_rows.len), seq_k = static_cast<int>(k_rows.len);
   if (m0 >= seq_q) return;  // the grid covers the longest sequence
+  // Tile row r: query row query_of(r) of head h0 + r % group; seq_q for an idle row (past queries * group).
+  const auto query_of = [=](int r) { return r < queries * group ? m0 + r / group : seq_q; };
   const int64_t tb = p.tensor_batch(b);
   const int kv_h = h0 / static_cast<int>(p.heads_q / p.heads_kv);
   const int64_t q_off = p.q_offset[b], k_off = p.k_offset[b];
@@ -107,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int tile_row = warp * 16 + g + 8 * rr;
-    row[rr] = tile_row < queries * group ? m0 + tile_row / group : seq_q;
+    row[rr] = query_of(tile_row);
     head[rr] = h0 + tile_row % group;
     q_pos[rr] = q_off + row[rr];
     const KeyInterval iv = row[rr] < seq_q ? visible_keys(q_pos[rr], k_off, seq_k, p.causal, p.window)
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
     key_last[rr] = iv.last < n_hi ? static_cast<int>(iv.last) : n_hi;
   }
   // A warp's rows are all idle (past the group's rows or the sequence) iff its first one is.
-  const bool warp_active = warp * 16 < queries * group && m0 + warp * 16 / group < seq_q;
+  const bool warp_active = query_of(warp * 16) < seq_q;
 
   float o[kDTiles][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
@@ -144,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
     load_rows<T, kBlockM, kHeadDim, kStride>(
         s_q, q_head,
         [=](int r) {
-          const int query = r < queries * group ? m0 + r / group : seq_q;
+          const int query = query_of(r);
           return query < seq_q ? query * q_stride_n + r % group * q_stride_h : int64_t{-1};
         },
         args.vec16);
